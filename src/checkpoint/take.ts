@@ -1,0 +1,249 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { CheckpointError, QmpError, TlcError, errorText } from '../core/errors.js';
+import { PRIVATE_DIR_MODE } from '../core/paths.js';
+import type { QmpClient } from '../qmp/client.js';
+import type { MigrationInfo, QmpEvent } from '../qmp/types.js';
+import {
+  type CheckpointMode,
+  MANIFEST_FILE,
+  MANIFEST_FORMAT_MAJOR,
+  MANIFEST_FORMAT_MINOR,
+  MANIFEST_MAGIC,
+  type Manifest,
+  sealManifest,
+} from '../store/manifest.js';
+import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
+import { writeFileAtomic } from '../core/fsutil.js';
+import { lastHeartbeatSeq } from '../vm/console.js';
+import { connectVm } from '../vm/manager.js';
+import { CheckpointReceiver } from './receiver.js';
+import { type StageMarks, stageMetrics } from './stages.js';
+
+/** QEMU's 128 MiB/s default cap makes live checkpoints of busy guests never end; the receiver is local. */
+const UNLIMITED_BANDWIDTH = 1024 * 1024 * 1024 * 1024;
+const DEFAULT_DOWNTIME_LIMIT_MS = 300;
+/** QEMU's largest accepted downtime-limit: set at the deadline so the next iteration switches over. */
+const FORCE_SWITCHOVER_DOWNTIME_MS = 2_000_000;
+const POLL_MS = 200;
+
+export interface CheckpointProgress {
+  stage: 'setup' | 'stage1' | 'stage2' | 'stage3' | 'persisting';
+  elapsedMs: number;
+  bytesReceived: number;
+  dirtyPagesRate?: number;
+  remainingBytes?: number;
+  passes: number;
+  throttlePct?: number;
+}
+
+export interface CheckpointOptions {
+  vm: string;
+  mode?: CheckpointMode;
+  store?: CheckpointStore;
+  /** Preferred stop time for live mode (QEMU's downtime-limit). */
+  maxDowntimeMs?: number;
+  /** Live mode: force the switchover at this point so the checkpoint always ends. */
+  deadlineMs?: number;
+  /** Give up (cancel, VM keeps running) after this long. */
+  timeoutMs?: number;
+  onProgress?: (p: CheckpointProgress) => void;
+  onStage?: (line: string) => void;
+}
+
+/**
+ * Takes a checkpoint of a running VM: QEMU migrates into tlc's receiver over a private unix
+ * socket; the VM is resumed the moment the stream is complete; the checkpoint is published only
+ * once every file is fsynced. On failure the VM keeps running and nothing is published.
+ */
+export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredCheckpoint> {
+  const mode = opts.mode ?? 'live';
+  const store = opts.store ?? new CheckpointStore();
+  const stage = opts.onStage ?? (() => undefined);
+  const { record, qmp } = await connectVm(opts.vm);
+  const status = await qmp.execute('query-status');
+  if (status.status !== 'running' && status.status !== 'paused') {
+    qmp.close();
+    throw new CheckpointError(`VM "${opts.vm}" is ${status.status}; a checkpoint needs a running or paused VM`);
+  }
+  const wasRunning = status.running;
+  const id = store.newId(record.spec.name);
+  const staging = store.stage(id);
+  const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-ckpt-'));
+  fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
+  const socketPath = path.join(socketDir, 'migrate.sock');
+  const seqBefore = record.paths.consoleLog ? lastHeartbeatSeq(record.paths.consoleLog) : undefined;
+
+  const t0 = performance.now();
+  const now = (): number => performance.now() - t0;
+  const marks: StageMarks = { mode, passes: 0 };
+  let resumed: Promise<void> | undefined;
+  const receiver = new CheckpointReceiver(staging, {
+    onStreamComplete: (bytes) => {
+      marks.streamDone = { t: now(), bytes };
+      if (wasRunning && mode !== 'cow') {
+        resumed = resume(qmp).then(() => {
+          marks.resumed ??= { t: now() };
+        });
+        resumed.catch(() => undefined);
+      }
+    },
+  }, { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024 });
+
+  const onEvent = (ev: QmpEvent): void => {
+    const bytes = receiver.bytesReceived;
+    if (ev.event === 'MIGRATION' && ev.data?.status === 'active' && !marks.active) {
+      marks.active = { t: now(), bytes };
+      stage(`setup: ${now().toFixed(0)} ms`);
+    } else if (ev.event === 'MIGRATION_PASS') {
+      marks.passes = Number(ev.data?.pass ?? marks.passes);
+      if (marks.passes === 2 && mode === 'live') {
+        marks.firstPassDone = { t: now(), bytes };
+        stage(`stage 1 (full memory pass): ${(now() - (marks.active?.t ?? 0)).toFixed(0)} ms, ${bytes} bytes`);
+      }
+    } else if (ev.event === 'STOP' && !marks.stopped) {
+      marks.stopped = { t: now(), bytes };
+    } else if (ev.event === 'RESUME' && marks.stopped && !marks.resumed) {
+      marks.resumed = { t: now() };
+    }
+  };
+  qmp.on('event', onEvent);
+
+  let migrating = false;
+  try {
+    await receiver.listen(socketPath);
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [
+        { capability: 'events', state: true },
+        { capability: 'background-snapshot', state: mode === 'cow' },
+        { capability: 'xbzrle', state: false },
+        { capability: 'auto-converge', state: false },
+        { capability: 'postcopy-ram', state: false },
+        { capability: 'multifd', state: false },
+        { capability: 'return-path', state: false },
+        { capability: 'pause-before-switchover', state: false },
+      ],
+    });
+    await qmp.execute('migrate-set-parameters', {
+      'max-bandwidth': UNLIMITED_BANDWIDTH,
+      'downtime-limit': Math.round(opts.maxDowntimeMs ?? DEFAULT_DOWNTIME_LIMIT_MS),
+    });
+    if (mode === 'stop' && wasRunning) {
+      await qmp.execute('stop');
+      marks.stopped ??= { t: now(), bytes: 0 };
+    }
+    await qmp.execute('migrate', { uri: `unix:${socketPath}` });
+    migrating = true;
+    await superviseMigration(qmp, receiver, marks, now, opts, mode);
+    migrating = false;
+    if (resumed) await resumed;
+    stage(
+      `stage 3 (VM stopped): ${marks.streamDone && marks.stopped ? marks.streamDone.bytes - marks.stopped.bytes : 0} bytes, ` +
+        `downtime ${marks.stopped && marks.resumed ? (marks.resumed.t - marks.stopped.t).toFixed(1) : '?'} ms`,
+    );
+    opts.onProgress?.({ stage: 'persisting', elapsedMs: now(), bytesReceived: receiver.bytesReceived, passes: marks.passes });
+    const received = await receiver.persist();
+    const info = await finalInfo(qmp);
+    const manifest: Manifest = {
+      magic: MANIFEST_MAGIC,
+      formatVersion: [MANIFEST_FORMAT_MAJOR, MANIFEST_FORMAT_MINOR],
+      id,
+      createdAt: new Date().toISOString(),
+      mode,
+      vm: record.spec,
+      qemuVersion: record.spec.qemu.version,
+      machineType: received.machineType,
+      pageSize: 4096,
+      ramSection: received.ramSection,
+      blocks: received.blocks,
+      configSha256: received.configSha256,
+      device: received.device,
+      metrics: stageMetrics(marks, received.bytesStored, info.downtime),
+      ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
+    };
+    marks.durable = { t: now() };
+    manifest.metrics.durableMs = marks.durable.t;
+    writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest), 0o600);
+    const dir = store.publish(staging, id);
+    manifest.metrics.durableMs = now();
+    stage(`durable after ${manifest.metrics.durableMs.toFixed(0)} ms: ${dir}`);
+    return { id, dir, manifest };
+  } catch (err) {
+    receiver.abort(err instanceof Error ? err : new Error(String(err)));
+    if (migrating) await qmp.execute('migrate_cancel').catch(() => undefined);
+    if (wasRunning && !qmp.closed) await resume(qmp).catch(() => undefined);
+    store.discard(staging);
+    throw err instanceof TlcError ? err : new CheckpointError(`Checkpoint of "${opts.vm}" failed: ${errorText(err)}`, { cause: err });
+  } finally {
+    qmp.off('event', onEvent);
+    qmp.close();
+    fs.rmSync(socketDir, { recursive: true, force: true });
+  }
+}
+
+/** Polls QEMU until the stream is in, enforcing the deadline and the timeout. */
+async function superviseMigration(
+  qmp: QmpClient,
+  receiver: CheckpointReceiver,
+  marks: StageMarks,
+  now: () => number,
+  opts: CheckpointOptions,
+  mode: CheckpointMode,
+): Promise<void> {
+  let forced = false;
+  let streamDone = false;
+  let streamError: unknown;
+  receiver.streamDone.then(
+    () => (streamDone = true),
+    (err: unknown) => (streamError = err),
+  );
+  const timeoutMs = opts.timeoutMs ?? 10 * 60_000;
+  while (!streamDone) {
+    if (streamError) throw streamError;
+    const info = await qmp.execute('query-migrate');
+    if (info.status === 'failed' || info.status === 'cancelled') {
+      throw new CheckpointError(`QEMU reports migration ${info.status}: ${info['error-desc'] ?? 'no reason given'}`);
+    }
+    opts.onProgress?.({
+      stage: !marks.active ? 'setup' : marks.stopped && mode === 'live' ? 'stage3' : marks.firstPassDone ? 'stage2' : 'stage1',
+      elapsedMs: now(),
+      bytesReceived: receiver.bytesReceived,
+      passes: marks.passes,
+      ...(info.ram ? { dirtyPagesRate: info.ram['dirty-pages-rate'], remainingBytes: info.ram.remaining } : {}),
+      ...(info['cpu-throttle-percentage'] !== undefined ? { throttlePct: info['cpu-throttle-percentage'] } : {}),
+    });
+    if (mode === 'live' && !forced && opts.deadlineMs !== undefined && now() >= opts.deadlineMs) {
+      forced = true;
+      opts.onStage?.(`deadline ${opts.deadlineMs} ms reached: forcing the switchover`);
+      await qmp.execute('migrate-set-parameters', { 'downtime-limit': FORCE_SWITCHOVER_DOWNTIME_MS });
+    }
+    if (now() > timeoutMs) throw new CheckpointError(`Checkpoint did not finish within ${timeoutMs} ms; cancelled`);
+    await Promise.race([receiver.streamDone.catch(() => undefined), sleep(POLL_MS)]);
+  }
+}
+
+/** `cont` as soon as QEMU allows it (it refuses while the migration is being finalized). */
+async function resume(qmp: QmpClient): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await qmp.execute('cont');
+      return;
+    } catch (err) {
+      if (!(err instanceof QmpError) || err.code !== 'E_QMP_EXECUTE' || attempt > 500) throw err;
+      await sleep(2);
+    }
+  }
+}
+
+/** QEMU fills `downtime` a moment after `completed` (reference pitfall 12): re-query briefly. */
+async function finalInfo(qmp: QmpClient): Promise<{ downtime?: number }> {
+  let info: MigrationInfo = {};
+  for (let i = 0; i < 20; i++) {
+    info = await qmp.execute('query-migrate');
+    if (info.status === 'completed' && (info.downtime ?? 0) > 0) break;
+    await sleep(25);
+  }
+  return info.downtime !== undefined ? { downtime: info.downtime } : {};
+}

@@ -1,0 +1,28 @@
+import { Command, CommanderError } from 'commander';
+import { TlcError, errorText } from '../core/errors.js';
+import { registerGuestCommands } from './guest.js';
+import { registerVmCommands } from './vm.js';
+
+// Checkpoints and sockets hold guest memory: nothing tlc or its QEMUs create is group/world readable.
+process.umask(0o077);
+
+const program = new Command('tlc')
+  .description('Live, time-bound checkpoint and fast restore of running QEMU virtual machines')
+  .showHelpAfterError()
+  .exitOverride();
+
+registerGuestCommands(program);
+registerVmCommands(program);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof CommanderError) {
+    process.exitCode = err.exitCode;
+  } else {
+    const text = err instanceof TlcError ? err.message : `internal error: ${errorText(err)}`;
+    process.stderr.write(`tlc: ${text.split('\n')[0]}\n`);
+    if (process.env.TLC_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+    process.exitCode = err instanceof TlcError && err.code === 'E_USAGE' ? 2 : 1;
+  }
+}

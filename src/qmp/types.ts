@@ -1,0 +1,126 @@
+/** Typed requests and replies for the QMP commands tlc uses (QEMU 7.2 schema names). */
+
+export type MigrationStatus =
+  | 'none'
+  | 'setup'
+  | 'cancelling'
+  | 'cancelled'
+  | 'active'
+  | 'postcopy-active'
+  | 'postcopy-paused'
+  | 'postcopy-recover'
+  | 'completed'
+  | 'failed'
+  | 'colo'
+  | 'pre-switchover'
+  | 'device'
+  | 'wait-unplug';
+
+export interface MigrationRamStats {
+  transferred: number;
+  remaining: number;
+  total: number;
+  duplicate: number;
+  normal: number;
+  'normal-bytes': number;
+  'dirty-pages-rate': number;
+  mbps: number;
+  'dirty-sync-count': number;
+  'page-size': number;
+  'pages-per-second': number;
+  'precopy-bytes'?: number;
+  'downtime-bytes'?: number;
+}
+
+export interface MigrationInfo {
+  status?: MigrationStatus;
+  'setup-time'?: number;
+  'total-time'?: number;
+  'expected-downtime'?: number;
+  downtime?: number;
+  ram?: MigrationRamStats;
+  'cpu-throttle-percentage'?: number;
+  'error-desc'?: string;
+}
+
+export type MigrationCapabilityName =
+  | 'xbzrle'
+  | 'auto-converge'
+  | 'events'
+  | 'postcopy-ram'
+  | 'return-path'
+  | 'pause-before-switchover'
+  | 'multifd'
+  | 'x-ignore-shared'
+  | 'background-snapshot';
+
+export interface MigrationParameters {
+  'max-bandwidth'?: number;
+  'downtime-limit'?: number;
+  'cpu-throttle-initial'?: number;
+  'cpu-throttle-increment'?: number;
+  'cpu-throttle-tailslow'?: boolean;
+  'max-cpu-throttle'?: number;
+  'throttle-trigger-threshold'?: number;
+}
+
+export type RunState =
+  | 'debug'
+  | 'inmigrate'
+  | 'internal-error'
+  | 'io-error'
+  | 'paused'
+  | 'postmigrate'
+  | 'prelaunch'
+  | 'finish-migrate'
+  | 'restore-vm'
+  | 'running'
+  | 'save-vm'
+  | 'shutdown'
+  | 'suspended'
+  | 'watchdog'
+  | 'guest-panicked'
+  | 'colo';
+
+export interface StatusInfo {
+  running: boolean;
+  singlestep?: boolean;
+  status: RunState;
+}
+
+export interface QemuVersion {
+  qemu: { major: number; minor: number; micro: number };
+  package: string;
+}
+
+/** Command name → [arguments, return value]. Only the commands tlc sends. */
+export interface QmpCommands {
+  qmp_capabilities: [Record<string, never> | undefined, Record<string, never>];
+  'query-status': [undefined, StatusInfo];
+  'query-version': [undefined, QemuVersion];
+  'query-migrate': [undefined, MigrationInfo];
+  'query-migrate-parameters': [undefined, MigrationParameters];
+  'query-machines': [undefined, { name: string; alias?: string; 'is-default'?: boolean }[]];
+  'query-kvm': [undefined, { enabled: boolean; present: boolean }];
+  'query-memdev': [undefined, { id?: string; size: number; share: boolean; prealloc: boolean }[]];
+  'qom-get': [{ path: string; property: string }, unknown];
+  'migrate-set-capabilities': [
+    { capabilities: { capability: MigrationCapabilityName; state: boolean }[] },
+    Record<string, never>,
+  ];
+  'migrate-set-parameters': [MigrationParameters, Record<string, never>];
+  migrate: [{ uri: string }, Record<string, never>];
+  migrate_cancel: [undefined, Record<string, never>];
+  'migrate-incoming': [{ uri: string }, Record<string, never>];
+  stop: [undefined, Record<string, never>];
+  cont: [undefined, Record<string, never>];
+  quit: [undefined, Record<string, never>];
+}
+
+export type QmpCommandName = keyof QmpCommands;
+
+export interface QmpEvent {
+  event: string;
+  data?: Record<string, unknown>;
+  timestamp?: { seconds: number; microseconds: number };
+}

@@ -1,6 +1,9 @@
 import { Command, CommanderError } from 'commander';
 import { TlcError, errorText } from '../core/errors.js';
+import { registerCheckpointCommands } from './checkpoint.js';
+import { registerDemoCommand } from './demo.js';
 import { registerGuestCommands } from './guest.js';
+import { registerRestoreCommand } from './restore.js';
 import { registerVmCommands } from './vm.js';
 
 // Checkpoints and sockets hold guest memory: nothing tlc or its QEMUs create is group/world readable.
@@ -13,6 +16,9 @@ const program = new Command('tlc')
 
 registerGuestCommands(program);
 registerVmCommands(program);
+registerCheckpointCommands(program);
+registerRestoreCommand(program);
+registerDemoCommand(program);
 
 try {
   await program.parseAsync(process.argv);

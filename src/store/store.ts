@@ -93,7 +93,7 @@ export class CheckpointStore {
   }
 
   /** Finds a checkpoint by id, unique id prefix, or VM name (its newest checkpoint). */
-  resolve(ref: string): StoredCheckpoint {
+  resolve(ref: string, opts: { byVmName?: boolean } = { byVmName: true }): StoredCheckpoint {
     const exact = path.join(this.dir, ref);
     if (!ref.startsWith('.') && !ref.includes('/') && fs.existsSync(path.join(exact, MANIFEST_FILE))) {
       return { id: ref, dir: exact, manifest: readManifest(exact) };
@@ -101,7 +101,7 @@ export class CheckpointStore {
     const all = this.list();
     const byPrefix = all.filter((c) => c.id.startsWith(ref));
     if (byPrefix.length === 1 && byPrefix[0]) return byPrefix[0];
-    const byVm = all.filter((c) => c.manifest.vm.name === ref);
+    const byVm = opts.byVmName ? all.filter((c) => c.manifest.vm.name === ref) : [];
     const newest = byVm.at(-1);
     if (newest) return newest;
     if (byPrefix.length > 1) throw new TlcError('E_USAGE', `"${ref}" matches ${byPrefix.length} checkpoints; give more of the id`);
@@ -109,7 +109,7 @@ export class CheckpointStore {
   }
 
   remove(ref: string): StoredCheckpoint {
-    const found = this.resolve(ref);
+    const found = this.resolve(ref, { byVmName: false });
     // Rename first so a crash mid-delete never leaves a half-deleted checkpoint listed.
     const doomed = path.join(this.dir, `${STAGING_PREFIX}rm-${found.id}-${process.pid}`);
     fs.renameSync(found.dir, doomed);

@@ -41,6 +41,16 @@ async function probe(binary: string): Promise<QemuBinary> {
   return { binary, version: match[1] };
 }
 
+/** Every machine type name (not aliases) the binary offers. */
+export async function listMachines(binary: string): Promise<string[]> {
+  const { stdout } = await run(binary, ['-machine', 'help'], { timeout: 10_000 });
+  return stdout
+    .split('\n')
+    .slice(1)
+    .map((line) => line.split(/\s+/, 1)[0] ?? '')
+    .filter(Boolean);
+}
+
 /** Resolves an alias such as `pc` to the versioned machine type QEMU would use (`pc-i440fx-7.2`). */
 export async function resolveMachine(binary: string, machine: string): Promise<string> {
   const { stdout } = await run(binary, ['-machine', 'help'], { timeout: 10_000 });

@@ -1,0 +1,141 @@
+import type { Command } from 'commander';
+import { takeCheckpoint } from '../checkpoint/take.js';
+import { UsageError } from '../core/errors.js';
+import type { CheckpointMode, Manifest } from '../store/manifest.js';
+import { CheckpointStore } from '../store/store.js';
+import { assertVerified, verifyCheckpoint } from '../store/verify.js';
+import { formatBytes, formatMs, note, printJson, printTable } from './output.js';
+import { ProgressLine } from './progress.js';
+import { parseDuration } from './units.js';
+
+interface StoreFlags {
+  store?: string;
+  json?: boolean;
+}
+
+function storeOf(o: StoreFlags): CheckpointStore {
+  return new CheckpointStore(o.store);
+}
+
+function parseMode(value: string): CheckpointMode {
+  if (value === 'live' || value === 'cow' || value === 'stop') return value;
+  throw new UsageError(`--mode must be live, cow or stop (got "${value}")`);
+}
+
+const STORE_HELP = 'checkpoint store directory (default: $TLC_STORE or ~/.local/share/tlc/checkpoints)';
+
+export function printStages(m: Manifest, print: (line: string) => void): void {
+  const x = m.metrics;
+  print(`checkpoint ${m.id} (${m.mode}) of VM ${m.vm.name}`);
+  print(`  setup time          ${formatMs(x.setupMs)}`);
+  print(`  stage 1 (full pass) ${formatMs(x.stage1.ms)}, ${formatBytes(x.stage1.bytes)}`);
+  print(`  stage 2 (dirty)     ${x.stage2.iterations} iterations, ${formatMs(x.stage2.ms)}, ${formatBytes(x.stage2.bytes)}`);
+  print(`  stage 3 (stopped)   ${formatBytes(x.stage3.bytes)}, downtime ${x.stage3.downtimeMs.toFixed(1)} ms` +
+    (x.qemuDowntimeMs !== undefined ? ` (QEMU reports ${x.qemuDowntimeMs} ms)` : ''));
+  print(`  total time          ${formatMs(x.totalMs)}`);
+  print(`  durable after       ${formatMs(x.durableMs)}`);
+  print(`  received ${formatBytes(x.bytesReceived)}, stored ${formatBytes(x.bytesStored)}`);
+}
+
+export function registerCheckpointCommands(program: Command): void {
+  program
+    .command('checkpoint')
+    .description('take a checkpoint of a running VM while it keeps running')
+    .argument('<vm>', 'VM name')
+    .option('--mode <live|cow|stop>', 'live: pre-copy; cow: background snapshot (state at start); stop: stop, save, continue', 'live')
+    .option('--max-downtime <duration>', 'downtime the VM may be stopped at the end (live mode)', '300ms')
+    .option('--deadline <duration>', 'live mode: force the final switchover after this long')
+    .option('--timeout <duration>', 'give up (the VM keeps running) after this long', '10m')
+    .option('--store <dir>', STORE_HELP)
+    .option('--json', 'print the manifest as JSON')
+    .action(async (vm: string, o: StoreFlags & Record<string, string | undefined>) => {
+      const progress = new ProgressLine();
+      try {
+        const ckpt = await takeCheckpoint({
+          vm,
+          mode: parseMode(o.mode as string),
+          store: storeOf(o),
+          maxDowntimeMs: parseDuration(o.maxDowntime as string, '--max-downtime'),
+          ...(o.deadline ? { deadlineMs: parseDuration(o.deadline, '--deadline') } : {}),
+          timeoutMs: parseDuration(o.timeout as string, '--timeout'),
+          onProgress: progress.update,
+          onStage: progress.line,
+        });
+        progress.done();
+        if (o.json) printJson(ckpt.manifest);
+        else {
+          printStages(ckpt.manifest, note);
+          process.stdout.write(ckpt.id + '\n');
+        }
+      } finally {
+        progress.done();
+      }
+    });
+
+  program
+    .command('ls')
+    .description('list checkpoints')
+    .option('--store <dir>', STORE_HELP)
+    .option('--json', 'print as JSON')
+    .action((o: StoreFlags) => {
+      const all = storeOf(o).list();
+      if (o.json) return printJson(all.map((c) => ({ id: c.id, dir: c.dir, ...summary(c.manifest) })));
+      printTable(
+        ['ID', 'VM', 'MODE', 'CREATED', 'RAM', 'STORED', 'DOWNTIME'],
+        all.map((c) => [
+          c.id,
+          c.manifest.vm.name,
+          c.manifest.mode,
+          c.manifest.createdAt.replace('T', ' ').slice(0, 19),
+          `${c.manifest.vm.memMiB}M`,
+          formatBytes(c.manifest.metrics.bytesStored),
+          `${c.manifest.metrics.stage3.downtimeMs.toFixed(1)} ms`,
+        ]),
+      );
+    });
+
+  program
+    .command('show')
+    .description('show a checkpoint: VM, stages, files')
+    .argument('<checkpoint>', 'id, unique id prefix, or VM name (newest)')
+    .option('--store <dir>', STORE_HELP)
+    .option('--json', 'print the manifest as JSON')
+    .action((ref: string, o: StoreFlags) => {
+      const c = storeOf(o).resolve(ref);
+      if (o.json) return printJson({ dir: c.dir, ...c.manifest });
+      const out = (line: string): void => void process.stdout.write(line + '\n');
+      printStages(c.manifest, out);
+      out(`  directory           ${c.dir}`);
+      out(`  QEMU ${c.manifest.qemuVersion}, machine ${c.manifest.machineType}, ${c.manifest.vm.memMiB} MiB, ${c.manifest.vm.cpus} vCPU`);
+      for (const b of c.manifest.blocks) out(`  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages`);
+      out(`  device state        ${formatBytes(c.manifest.device.bytes)} in ${c.manifest.device.sections} sections`);
+    });
+
+  program
+    .command('verify')
+    .description('re-check every byte of a checkpoint against its checksums')
+    .argument('<checkpoint>', 'id, unique id prefix, or VM name (newest)')
+    .option('--store <dir>', STORE_HELP)
+    .option('--json', 'print the report as JSON')
+    .action((ref: string, o: StoreFlags) => {
+      const report = verifyCheckpoint(storeOf(o).resolve(ref), true);
+      if (o.json) printJson(report);
+      else if (report.ok) note(`${report.id}: ok (${formatBytes(report.bytesChecked)} checked)`);
+      for (const p of o.json ? [] : report.problems) note(`${report.id}: ${p}`);
+      assertVerified(report);
+    });
+
+  program
+    .command('rm')
+    .description('delete a checkpoint')
+    .argument('<checkpoint...>', 'ids or unique id prefixes')
+    .option('--store <dir>', STORE_HELP)
+    .action((refs: string[], o: StoreFlags) => {
+      const store = storeOf(o);
+      for (const ref of refs) note(`removed ${store.remove(ref).id}`);
+    });
+}
+
+function summary(m: Manifest): Record<string, unknown> {
+  return { vm: m.vm.name, mode: m.mode, createdAt: m.createdAt, memMiB: m.vm.memMiB, metrics: m.metrics };
+}

@@ -1,0 +1,48 @@
+import type { Command } from 'commander';
+import { restoreCheckpoint } from '../restore/restore.js';
+import { CheckpointStore } from '../store/store.js';
+import { parseAccel } from '../vm/accel.js';
+import { UsageError } from '../core/errors.js';
+import { formatMs, note, printJson } from './output.js';
+import { parseDuration } from './units.js';
+
+export function registerRestoreCommand(program: Command): void {
+  program
+    .command('restore')
+    .description('start a VM again from a checkpoint; the guest continues where it was')
+    .argument('<checkpoint>', 'id, unique id prefix, or VM name (its newest checkpoint)')
+    .option('--name <name>', 'name of the restored VM (default: the checkpointed VM\'s name)')
+    .option('--eager', 'stream every page into QEMU instead of mapping the RAM image copy-on-write')
+    .option('--verify', 're-hash the whole checkpoint before starting')
+    .option('--accel <tcg|kvm>', 'accelerator (default: the checkpointed VM\'s)')
+    .option('--wait-heartbeat', 'return only after the restored guest\'s first heartbeat')
+    .option('--timeout <duration>', 'how long to wait for the guest', '60s')
+    .option('--store <dir>', 'checkpoint store directory')
+    .option('--json', 'print the result as JSON')
+    .action(async (ref: string, o: Record<string, string | boolean | undefined>) => {
+      const accel = o.accel ? parseAccel(String(o.accel)) : undefined;
+      if (accel === 'auto') throw new UsageError('restore --accel must be tcg or kvm');
+      const restored = await restoreCheckpoint({
+        ref,
+        store: new CheckpointStore(o.store ? String(o.store) : undefined),
+        ...(o.name ? { name: String(o.name) } : {}),
+        eager: Boolean(o.eager),
+        verify: Boolean(o.verify),
+        ...(accel ? { accel } : {}),
+        waitHeartbeat: Boolean(o.waitHeartbeat),
+        timeoutMs: parseDuration(String(o.timeout), '--timeout'),
+        log: note,
+      });
+      const result = {
+        name: restored.record.spec.name,
+        pid: restored.record.process?.pid,
+        checkpoint: restored.checkpoint.id,
+        mode: restored.mode,
+        timeToRunningMs: Math.round(restored.timeToRunningMs * 10) / 10,
+        ...(restored.timeToHeartbeatMs !== undefined ? { timeToHeartbeatMs: Math.round(restored.timeToHeartbeatMs) } : {}),
+        streamBytes: restored.stream.bytesWritten,
+      };
+      if (o.json) printJson(result);
+      else note(`VM ${result.name} restored from ${result.checkpoint} (${result.mode}): running after ${formatMs(result.timeToRunningMs)}`);
+    });
+}

@@ -1,0 +1,172 @@
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { RestoreError, TlcError, errorText } from '../core/errors.js';
+import { PRIVATE_DIR_MODE } from '../core/paths.js';
+import type { QmpClient } from '../qmp/client.js';
+import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
+import { assertVerified, verifyCheckpoint } from '../store/verify.js';
+import type { Accel } from '../vm/spec.js';
+import { ConsoleTail } from '../vm/console.js';
+import { deathCheck, launchQemu } from '../vm/launch.js';
+import { isHeartbeatLine, qemuLogFile, type Log } from '../vm/manager.js';
+import { kill, waitExit } from '../vm/process.js';
+import { findQemu, listMachines } from '../vm/qemu.js';
+import { type VmRecord, claimVmName, runtimePaths, saveVm } from '../vm/registry.js';
+import { RAM_BACKEND_ID, type VmSpec, validateVmName } from '../vm/spec.js';
+import { assertCompatible } from './compat.js';
+import { type SynthesisStats, synthesizeStream } from './synthesize.js';
+
+export interface RestoreOptions {
+  ref: string;
+  store?: CheckpointStore;
+  name?: string;
+  /** Stream every page instead of mapping the RAM image (for when it cannot be mapped). */
+  eager?: boolean;
+  /** Re-hash the whole checkpoint before starting QEMU. */
+  verify?: boolean;
+  accel?: Accel;
+  /** Also wait for the guest's first heartbeat after it runs. */
+  waitHeartbeat?: boolean;
+  timeoutMs?: number;
+  log?: Log;
+}
+
+export interface RestoredVm {
+  record: VmRecord;
+  checkpoint: StoredCheckpoint;
+  mode: 'lazy' | 'eager';
+  /** QEMU process start until the guest runs again. */
+  timeToRunningMs: number;
+  /** QEMU process start until the first heartbeat (when waited for). */
+  timeToHeartbeatMs?: number;
+  stream: SynthesisStats;
+}
+
+/**
+ * Starts the VM again from a checkpoint. Lazy (default): QEMU maps the checkpoint's RAM image
+ * privately (copy-on-write), so the guest runs before its memory is read and the image stays
+ * unchanged for later restores; only small blocks and device state are streamed in.
+ */
+export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredVm> {
+  const log = opts.log ?? (() => undefined);
+  const store = opts.store ?? new CheckpointStore();
+  const ckpt = store.resolve(opts.ref);
+  const m = ckpt.manifest;
+  const mode = opts.eager ? 'eager' : 'lazy';
+  assertVerified(verifyCheckpoint(ckpt, Boolean(opts.verify)));
+  const qemu = await findQemu(m.vm.qemu.binary && fs.existsSync(m.vm.qemu.binary) ? m.vm.qemu.binary : undefined);
+  assertCompatible(m, qemu, await listMachines(qemu.binary));
+  const name = validateVmName(opts.name ?? m.vm.name);
+  claimVmName(name);
+
+  const ramBlock = m.blocks.find((b) => b.name === RAM_BACKEND_ID);
+  if (!ramBlock) throw new RestoreError('E_RESTORE', `${m.id} has no ${RAM_BACKEND_ID} block`);
+  const spec: VmSpec = {
+    ...m.vm,
+    name,
+    qemu,
+    machine: m.machineType,
+    accel: opts.accel ?? m.vm.accel,
+    memory: mode === 'lazy' ? { kind: 'file', path: path.join(ckpt.dir, ramBlock.file), share: false } : { kind: 'ram' },
+  };
+  const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-restore-'));
+  fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
+  const incoming = path.join(socketDir, 'incoming.sock');
+  const paths = runtimePaths(name);
+  const logFile = qemuLogFile(name);
+  const launched = await launchQemu(spec, { ...paths, incoming: `unix:${incoming}` }, { logFile });
+  const { qmp } = launched;
+  const check = deathCheck(launched.process, logFile, 'while loading the checkpoint');
+  try {
+    const stream = await feedStream(ckpt, mode, incoming, check);
+    await waitRunning(qmp, check, opts.timeoutMs ?? 60_000);
+    const timeToRunningMs = performance.now() - launched.spawnedAt;
+    log(`guest running ${timeToRunningMs.toFixed(0)} ms after QEMU started (${mode} restore)`);
+    const record: VmRecord = {
+      spec,
+      paths,
+      process: launched.process,
+      startedAt: new Date().toISOString(),
+      adopted: false,
+      restoredFrom: ckpt.id,
+    };
+    saveVm(record);
+    const result: RestoredVm = { record, checkpoint: ckpt, mode, timeToRunningMs, stream };
+    if (opts.waitHeartbeat) {
+      await new ConsoleTail(paths.consoleLog).waitFor(isHeartbeatLine, {
+        timeoutMs: opts.timeoutMs ?? 60_000,
+        check,
+        onTimeout: () => new RestoreError('E_RESTORE', `Restored guest printed no heartbeat within ${opts.timeoutMs ?? 60_000} ms`),
+      });
+      result.timeToHeartbeatMs = performance.now() - launched.spawnedAt;
+    }
+    return result;
+  } catch (err) {
+    kill(launched.process);
+    await waitExit(launched.process, 3000);
+    throw err instanceof TlcError ? err : new RestoreError('E_RESTORE', `Restore of ${ckpt.id} failed: ${errorText(err)}`, { cause: err });
+  } finally {
+    qmp.close();
+    fs.rmSync(socketDir, { recursive: true, force: true });
+  }
+}
+
+async function feedStream(
+  ckpt: StoredCheckpoint,
+  mode: 'lazy' | 'eager',
+  socketPath: string,
+  check: () => Error | undefined,
+): Promise<SynthesisStats> {
+  const socket = await connectWithRetry(socketPath, check);
+  try {
+    const stats = await synthesizeStream(ckpt, mode, async (chunk) => {
+      if (!socket.write(chunk)) await Promise.race([once(socket, 'drain'), once(socket, 'close')]);
+      if (socket.destroyed) throw check() ?? new RestoreError('E_RESTORE', 'QEMU closed the incoming connection');
+    });
+    socket.end();
+    return stats;
+  } catch (err) {
+    socket.destroy();
+    throw err;
+  }
+}
+
+async function connectWithRetry(socketPath: string, check: () => Error | undefined): Promise<net.Socket> {
+  for (let attempt = 0; ; attempt++) {
+    const dead = check();
+    if (dead) throw dead;
+    try {
+      const socket = net.createConnection({ path: socketPath });
+      await once(socket, 'connect');
+      socket.on('error', () => undefined);
+      return socket;
+    } catch (err) {
+      if (attempt > 500) throw new RestoreError('E_RESTORE', `QEMU never listened on ${socketPath}: ${errorText(err)}`);
+      await sleep(5);
+    }
+  }
+}
+
+async function waitRunning(qmp: QmpClient, check: () => Error | undefined, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const dead = check();
+    if (dead) throw dead;
+    const status = await qmp.execute('query-status');
+    if (status.status === 'running') return;
+    if (status.status === 'paused' || status.status === 'postmigrate') {
+      const info = await qmp.execute('query-migrate');
+      if (info.status === 'completed') return; // checkpoint of a paused VM stays paused
+    }
+    const info = await qmp.execute('query-migrate');
+    if (info.status === 'failed') {
+      throw new RestoreError('E_RESTORE', `QEMU could not load the checkpoint: ${info['error-desc'] ?? 'see qemu.log'}`);
+    }
+    if (Date.now() > deadline) throw new RestoreError('E_RESTORE', `Guest not running ${timeoutMs} ms after start`);
+    await sleep(2);
+  }
+}

@@ -1,0 +1,76 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { CONFIG_FILE } from '../store/manifest.js';
+import type { StoredCheckpoint } from '../store/store.js';
+import { MigrationStreamWriter } from '../stream/writer.js';
+import { RAM_BACKEND_ID } from '../vm/spec.js';
+
+const READ_CHUNK_BYTES = 4 * 1024 * 1024;
+
+export interface SynthesisStats {
+  pagesSent: number;
+  zeroPagesSent: number;
+  bytesWritten: number;
+}
+
+/**
+ * Writes the migration stream a restoring QEMU loads. Lazy: guest RAM (`ram0`) is mapped from the
+ * checkpoint's image, so the stream carries only the block list, the small blocks and the device
+ * state. Eager: every non-zero page of every block goes through the stream (a fresh destination's
+ * anonymous RAM is zero already; small blocks get explicit ZERO records because a fresh
+ * destination has its own ROM contents there).
+ */
+export async function synthesizeStream(
+  ckpt: StoredCheckpoint,
+  mode: 'lazy' | 'eager',
+  out: (chunk: Buffer) => Promise<void>,
+): Promise<SynthesisStats> {
+  const m = ckpt.manifest;
+  const stats: SynthesisStats = { pagesSent: 0, zeroPagesSent: 0, bytesWritten: 0 };
+  const writer = new MigrationStreamWriter(async (chunk: Buffer) => {
+    stats.bytesWritten += chunk.length;
+    await out(chunk);
+  });
+  const pageSize = m.pageSize;
+  const zero = Buffer.alloc(pageSize);
+  writer.header(fs.readFileSync(path.join(ckpt.dir, CONFIG_FILE)));
+  await writer.ramStart(
+    m.ramSection,
+    m.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
+    { ignoreShared: false },
+  );
+  writer.beginRamPart();
+  const chunk = Buffer.allocUnsafe(READ_CHUNK_BYTES);
+  for (let index = 0; index < m.blocks.length; index++) {
+    const block = m.blocks[index];
+    if (!block) continue;
+    const isGuestRam = block.name === RAM_BACKEND_ID;
+    if (isGuestRam && mode === 'lazy') continue;
+    const fd = fs.openSync(path.join(ckpt.dir, block.file), 'r');
+    try {
+      for (let base = 0; base < block.usedLength; base += READ_CHUNK_BYTES) {
+        const len = Math.min(READ_CHUNK_BYTES, block.usedLength - base);
+        let got = 0;
+        while (got < len) got += fs.readSync(fd, chunk, got, len - got, base + got);
+        for (let at = 0; at < len; at += pageSize) {
+          const isZero = zero.compare(chunk, at, at + pageSize) === 0;
+          if (isZero) {
+            if (isGuestRam) continue;
+            await writer.zeroPage(index, base + at);
+            stats.zeroPagesSent++;
+          } else {
+            await writer.page(index, base + at, chunk.subarray(at, at + pageSize));
+            stats.pagesSent++;
+          }
+        }
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+  await writer.endRamPart();
+  await writer.ramEnd();
+  await writer.deviceState(fs.readFileSync(path.join(ckpt.dir, m.device.file)));
+  await writer.flush();
+  return stats;
+}

@@ -99,7 +99,11 @@ export class CheckpointReceiver implements StreamSink {
       return;
     }
     this.socket = socket;
+    // Debug aid: TLC_STREAM_TEE=<file> keeps a copy of the raw stream for offline analysis.
+    const tee = process.env.TLC_STREAM_TEE ? fs.openSync(process.env.TLC_STREAM_TEE, 'w', PRIVATE_FILE_MODE) : -1;
+    if (tee >= 0) socket.once('close', () => fs.closeSync(tee));
     socket.on('data', (chunk: Buffer) => {
+      if (tee >= 0) fs.writeSync(tee, chunk);
       this.bytesReceived += chunk.length;
       try {
         this.reader.push(chunk);

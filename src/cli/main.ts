@@ -9,6 +9,12 @@ import { registerVmCommands } from './vm.js';
 // Checkpoints and sockets hold guest memory: nothing tlc or its QEMUs create is group/world readable.
 process.umask(0o077);
 
+// `tlc ... | head` closes stdout early: that is not an error worth a stack trace.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+  throw err;
+});
+
 const program = new Command('tlc')
   .description('Live, time-bound checkpoint and fast restore of running QEMU virtual machines')
   .showHelpAfterError()

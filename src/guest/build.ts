@@ -135,6 +135,10 @@ export function formatWorkloadSpec(spec: WorkloadSpec): string {
  *   i8042.noaux i8042.nokbd  skip slow PS/2 probing (no keyboard or mouse is used)
  *   nowatchdog           no soft/hard-lockup reports when the VM is paused for a checkpoint
  *   tsc=reliable         no clocksource watchdog that may demote the TSC after a pause
+ * Deliberately not used: acpi=off boots ~0.2 s faster under TCG but leaves the guest with
+ * tick-granular (4 ms) timers and roughly halves workload throughput.
+ * Measured on QEMU 7.2 TCG, 256 MiB, memverify:64: first heartbeat ~2.8 s after QEMU starts
+ * with only console=ttyS0, ~2.0 s with this line.
  */
 export function guestAppendLine(workload: string): string {
   const spec = formatWorkloadSpec(parseWorkloadSpec(workload));

@@ -18,18 +18,24 @@ export function continuationProblems(scan: ConsoleScan, seqBefore: number | unde
   if (scan.heartbeats.length === 0) problems.push('no heartbeat after the restore');
   const first = scan.heartbeats[0];
   if (first && seqBefore !== undefined && first.seq < seqBefore) {
-    problems.push(`heartbeat sequence went back: first seq ${first.seq} after restore, ${seqBefore} before the checkpoint`);
+    problems.push(
+      `heartbeat sequence went back: first seq ${first.seq} after restore, ${seqBefore} before the checkpoint`,
+    );
   }
   for (let i = 1; i < scan.heartbeats.length; i++) {
     const prev = scan.heartbeats[i - 1];
     const cur = scan.heartbeats[i];
-    if (prev && cur && cur.seq !== prev.seq + 1) problems.push(`heartbeat seq jumped from ${prev.seq} to ${cur.seq}`);
+    if (prev && cur && cur.seq !== prev.seq + 1)
+      problems.push(`heartbeat seq jumped from ${prev.seq} to ${cur.seq}`);
   }
   if (scan.corruptions.length > 0) {
     const c = scan.corruptions[0];
-    problems.push(`memverify found ${scan.corruptions.length} corrupt page(s), first: page ${c?.page} offset ${c?.offset}`);
+    problems.push(
+      `memverify found ${scan.corruptions.length} corrupt page(s), first: page ${c?.page} offset ${c?.offset}`,
+    );
   }
   const lastCorrupt = scan.heartbeats.at(-1);
-  if (lastCorrupt?.kind === 'memverify' && lastCorrupt.corrupt > 0) problems.push(`memverify counts ${lastCorrupt.corrupt} corruptions`);
+  if (lastCorrupt?.kind === 'memverify' && lastCorrupt.corrupt > 0)
+    problems.push(`memverify counts ${lastCorrupt.corrupt} corruptions`);
   return problems;
 }

@@ -34,7 +34,7 @@ export async function synthesizeStream(
   const pageSize = m.pageSize;
   const zero = Buffer.alloc(pageSize);
   writer.header(fs.readFileSync(path.join(ckpt.dir, CONFIG_FILE)));
-  await writer.ramStart(
+  writer.ramStart(
     m.ramSection,
     m.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
     { ignoreShared: false },
@@ -56,10 +56,10 @@ export async function synthesizeStream(
           const isZero = zero.compare(chunk, at, at + pageSize) === 0;
           if (isZero) {
             if (isGuestRam) continue;
-            await writer.zeroPage(index, base + at);
+            if (!writer.zeroPage(index, base + at)) await writer.drain();
             stats.zeroPagesSent++;
           } else {
-            await writer.page(index, base + at, chunk.subarray(at, at + pageSize));
+            if (!writer.page(index, base + at, chunk.subarray(at, at + pageSize))) await writer.drain();
             stats.pagesSent++;
           }
         }
@@ -68,9 +68,9 @@ export async function synthesizeStream(
       fs.closeSync(fd);
     }
   }
-  await writer.endRamPart();
-  await writer.ramEnd();
-  await writer.deviceState(fs.readFileSync(path.join(ckpt.dir, m.device.file)));
+  writer.endRamSection();
+  writer.ramEnd();
+  writer.deviceState(fs.readFileSync(path.join(ckpt.dir, m.device.file)));
   await writer.flush();
   return stats;
 }

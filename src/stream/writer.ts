@@ -7,7 +7,7 @@
  *
  * Records are packed into output chunks of `chunkSize` bytes (1 MiB by default) that are handed to
  * `out` one at a time, in order; the next call waits until the previous promise settled. Every
- * write method returns `true` while fewer than `highWaterMark` bytes wait for `out`, and `false`
+ * write method returns `true` while at most `highWaterMark` bytes wait for `out`, and `false`
  * once more do: then `await writer.drain()` before writing more (the same contract as
  * stream.Writable#write). `flush()` emits the partial chunk and resolves when `out` has accepted
  * everything. A failure of `out` is rethrown by every later call. Writing a page copies it into the
@@ -206,7 +206,7 @@ export class MigrationStreamWriter {
     return this.ok();
   }
 
-  /** Resolves when fewer than `highWaterMark` bytes wait for `out`. */
+  /** Resolves when at most `highWaterMark` bytes wait for `out` (rejects with its failure). */
   drain(): Promise<void> {
     return this.waitFor(this.highWaterMark);
   }
@@ -321,7 +321,8 @@ export class MigrationStreamWriter {
   // ---- output pump ----------------------------------------------------------------------------------
 
   private ok(): boolean {
-    return this.pending < this.highWaterMark;
+    if (this.failure !== null) throw this.failure;
+    return this.pending <= this.highWaterMark;
   }
 
   private emit(chunk: Buffer): void {

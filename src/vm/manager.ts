@@ -19,7 +19,7 @@ import {
   vmDir,
   vmState,
 } from './registry.js';
-import { type LaunchArgs, type VmSpec, validateVmName } from './spec.js';
+import { type LaunchArgs, type MemoryBackend, type VmSpec, validateVmName } from './spec.js';
 
 export type Log = (line: string) => void;
 const quiet: Log = () => undefined;
@@ -40,6 +40,8 @@ export interface StartVmOptions {
   initrd?: string;
   append?: string;
   extraArgs?: string[];
+  /** Guest RAM backing; default anonymous RAM. A shared file lets tests inspect guest memory. */
+  memory?: MemoryBackend;
   bootTimeoutMs?: number;
   log?: Log;
 }
@@ -93,7 +95,7 @@ export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
     accel: accel.accel,
     memMiB: opts.memMiB,
     cpus: opts.cpus ?? 1,
-    memory: { kind: 'ram' },
+    memory: opts.memory ?? { kind: 'ram' },
     kernel: path.resolve(kernel),
     ...(initrd ? { initrd: path.resolve(initrd) } : {}),
     append,

@@ -8,6 +8,7 @@
  * bit, then reads the page. A page rewritten while being written is therefore written again.
  */
 export const SEGMENT_BYTES = 1024 * 1024 * 1024;
+const RECONCILE_CHUNK_BYTES = 4 * 1024 * 1024;
 
 export interface PageTableShared {
   length: number;
@@ -70,6 +71,29 @@ export class PageTable {
 
   touched(offset: number): void {
     this.markDirty(offset);
+  }
+
+  /**
+   * Makes the table equal to `source` (the stopped guest's own RAM), page by page, and returns
+   * how many pages differed. `read` fills `scratch` with `len` bytes at `offset`.
+   */
+  reconcile(read: (scratch: Buffer, offset: number, len: number) => void): number {
+    const scratch = Buffer.allocUnsafe(RECONCILE_CHUNK_BYTES);
+    let differing = 0;
+    for (let base = 0; base < this.length; base += RECONCILE_CHUNK_BYTES) {
+      const len = Math.min(RECONCILE_CHUNK_BYTES, this.length - base);
+      read(scratch, base, len);
+      const seg = this.segment(base);
+      const segBase = base % SEGMENT_BYTES;
+      if (scratch.compare(seg, segBase, segBase + len, 0, len) === 0) continue;
+      for (let at = 0; at < len; at += this.pageSize) {
+        if (scratch.compare(seg, segBase + at, segBase + at + this.pageSize, at, at + this.pageSize) === 0) continue;
+        scratch.copy(seg, segBase + at, at, at + this.pageSize);
+        this.markDirty(base + at);
+        differing++;
+      }
+    }
+    return differing;
   }
 }
 

@@ -197,6 +197,17 @@ export class CheckpointReceiver implements StreamSink {
     this.deviceInfo = info;
   }
 
+  /**
+   * Compares the received guest RAM with the stopped guest's own RAM and takes the guest's
+   * version of every page that differs. Returns the number of pages fixed.
+   */
+  reconcileRam(read: (scratch: Buffer, offset: number, len: number) => void): number {
+    const index = this.blocks.findIndex((b) => b.name === 'ram0');
+    const large = this.large[index];
+    if (!large) throw new CheckpointError('Stream has no ram0 block to reconcile');
+    return large.table.reconcile(read);
+  }
+
   // ---- after the stream: persist ----
 
   /** Finishes the writers, writes small blocks, config and device state. Call after streamDone. */

@@ -18,6 +18,7 @@ import {
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
+import { GuestRam } from '../vm/guest-ram.js';
 import { connectVm } from '../vm/manager.js';
 import { CheckpointReceiver } from './receiver.js';
 import { type StageMarks, stageMetrics } from './stages.js';
@@ -75,6 +76,19 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
   const socketPath = path.join(socketDir, 'migrate.sock');
   const seqBefore = record.paths.consoleLog ? lastHeartbeatSeq(record.paths.consoleLog) : undefined;
+  // QEMU 7.2's TCG dirty tracking loses writes made through TLB entries that stay hot across a
+  // bitmap sync, so a TCG pre-copy stream can hold stale pages. tlc compares against the stopped
+  // guest's own RAM before resuming it, which needs RAM it can read.
+  const guestRam = mode === 'live' && record.spec.accel === 'tcg' && record.process ? GuestRam.open(record.process, record.spec) : undefined;
+  if (mode === 'live' && record.spec.accel === 'tcg' && !guestRam) {
+    qmp.close();
+    store.discard(staging);
+    throw new CheckpointError(
+      `Live mode on a TCG VM needs guest RAM tlc can read (a memfd or file memory backend); "${opts.vm}" has anonymous RAM. ` +
+        'Use --mode cow (consistent on TCG) or --mode stop',
+    );
+  }
+  let tcgFixup: { pages: number; ms: number } | undefined;
 
   const t0 = performance.now();
   const now = (): number => performance.now() - t0;
@@ -83,6 +97,11 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   const receiver = new CheckpointReceiver(staging, {
     onStreamComplete: (bytes) => {
       marks.streamDone = { t: now(), bytes };
+      if (guestRam) {
+        const started = performance.now();
+        const pages = receiver.reconcileRam((buf, offset, len) => guestRam.read(buf, offset, len));
+        tcgFixup = { pages, ms: performance.now() - started };
+      }
       if (wasRunning && mode !== 'cow') {
         resumed = resume(qmp).then(() => {
           marks.resumed ??= { t: now() };
@@ -160,7 +179,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       blocks: received.blocks,
       configSha256: received.configSha256,
       device: received.device,
-      metrics: stageMetrics(marks, received.bytesStored, info.downtime),
+      metrics: { ...stageMetrics(marks, received.bytesStored, info.downtime), ...(tcgFixup ? { tcgFixup } : {}) },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
     marks.durable = { t: now() };
@@ -179,6 +198,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   } finally {
     qmp.off('event', onEvent);
     qmp.close();
+    guestRam?.close();
     fs.rmSync(socketDir, { recursive: true, force: true });
   }
 }

@@ -32,6 +32,7 @@ export function printStages(m: Manifest, print: (line: string) => void): void {
   print(`  stage 2 (dirty)     ${x.stage2.iterations} iterations, ${formatMs(x.stage2.ms)}, ${formatBytes(x.stage2.bytes)}`);
   print(`  stage 3 (stopped)   ${formatBytes(x.stage3.bytes)}, downtime ${x.stage3.downtimeMs.toFixed(1)} ms` +
     (x.qemuDowntimeMs !== undefined ? ` (QEMU reports ${x.qemuDowntimeMs} ms)` : ''));
+  if (x.tcgFixup) print(`  TCG fix-up          ${x.tcgFixup.pages} stale pages replaced from guest RAM in ${formatMs(x.tcgFixup.ms)}`);
   print(`  total time          ${formatMs(x.totalMs)}`);
   print(`  durable after       ${formatMs(x.durableMs)}`);
   print(`  received ${formatBytes(x.bytesReceived)}, stored ${formatBytes(x.bytesStored)}`);

@@ -71,7 +71,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     qemu,
     machine: m.machineType,
     accel: opts.accel ?? m.vm.accel,
-    memory: mode === 'lazy' ? { kind: 'file', path: path.join(ckpt.dir, ramBlock.file), share: false } : { kind: 'ram' },
+    memory: mode === 'lazy' ? { kind: 'file', path: path.join(ckpt.dir, ramBlock.file), share: false } : { kind: 'memfd' },
   };
   const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-restore-'));
   fs.chmodSync(socketDir, PRIVATE_DIR_MODE);

@@ -48,6 +48,11 @@ export interface StageMetrics {
   qemuDowntimeMs?: number;
   bytesReceived: number;
   bytesStored: number;
+  /**
+   * TCG only: pages whose final version QEMU 7.2 did not send (its TCG dirty tracking misses
+   * writes through hot TLB entries) and that tlc took from the stopped guest's RAM instead.
+   */
+  tcgFixup?: { pages: number; ms: number };
 }
 
 export interface Manifest {

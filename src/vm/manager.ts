@@ -95,7 +95,8 @@ export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
     accel: accel.accel,
     memMiB: opts.memMiB,
     cpus: opts.cpus ?? 1,
-    memory: opts.memory ?? { kind: 'ram' },
+    // memfd: guest RAM that tlc can read through /proc, which live checkpoints under TCG need.
+    memory: opts.memory ?? { kind: 'memfd' },
     kernel: path.resolve(kernel),
     ...(initrd ? { initrd: path.resolve(initrd) } : {}),
     append,

@@ -8,6 +8,7 @@ export type Accel = 'tcg' | 'kvm';
 /** Where guest RAM lives. A restore swaps this for the checkpoint's RAM image (`share: false`). */
 export type MemoryBackend =
   | { kind: 'ram' }
+  | { kind: 'memfd' }
   | { kind: 'file'; path: string; share: boolean };
 
 /**
@@ -52,6 +53,7 @@ export interface LaunchArgs extends RuntimePaths {
 function memoryBackendArg(spec: VmSpec): string {
   const size = `size=${spec.memMiB}M`;
   if (spec.memory.kind === 'ram') return `memory-backend-ram,id=${RAM_BACKEND_ID},${size}`;
+  if (spec.memory.kind === 'memfd') return `memory-backend-memfd,id=${RAM_BACKEND_ID},${size},share=on`;
   const share = spec.memory.share ? 'on' : 'off';
   return `memory-backend-file,id=${RAM_BACKEND_ID},${size},mem-path=${spec.memory.path},share=${share}`;
 }

@@ -72,7 +72,12 @@ export class CheckpointReceiver implements StreamSink {
     private readonly events: ReceiverEvents = {},
     opts: { maxRamBytes?: number } = {},
   ) {
-    this.reader = new MigrationStreamReader(this, opts.maxRamBytes ? { maxRamBytes: opts.maxRamBytes } : {});
+    // requireVmdesc: pc machine types of QEMU >= 2.3 always end with the VM description, so a
+    // stream cut right after EOF must not pass as complete.
+    this.reader = new MigrationStreamReader(this, {
+      requireVmdesc: true,
+      ...(opts.maxRamBytes ? { maxRamBytes: opts.maxRamBytes } : {}),
+    });
     this.streamDone = new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };
     });

@@ -416,13 +416,8 @@ async function compileWorkloads(
   for (const name of WORKLOADS) {
     const out = join(outDir, name);
     // -s: stripped binaries keep the initramfs (and its unpacking under TCG) small.
-    const { stderr } = await runTool(
-      'gcc',
-      ['-static', '-O2', '-Wall', '-Wextra', '-s', '-o', out, join(sources.dir, `${name}.c`)],
-      {
-        timeoutMs: 180_000,
-      },
-    );
+    const args = ['-static', '-O2', '-Wall', '-Wextra', '-s', '-o', out, join(sources.dir, `${name}.c`)];
+    const { stderr } = await runTool('gcc', args, { timeoutMs: 180_000 });
     if (stderr.trim()) log(`guest: gcc ${name}.c: ${tail(stderr, 4)}`);
     bins.set(name, await readFile(out));
   }
@@ -494,6 +489,7 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
     return existing;
   }
 
+  await removeStaleWorkDirs(cacheDir);
   const work = await mkdtemp(join(cacheDir, '.build-'));
   try {
     log(`guest: downloading ${pkgs.kernel.name} ${pkgs.kernel.version}`);
@@ -522,7 +518,7 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
       builtAt: new Date().toISOString(),
     };
     await writeFile(join(stage, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
-    await installImage(stage, imageDir, work);
+    await installImage(stage, imageDir, work, opts.force === true);
     await writeFileAtomic(pointerPath, JSON.stringify({ image: key } satisfies Pointer));
     const image = await loadImage(imageDir);
     if (!image) throw new GuestBuildError(`Cannot build guest: ${imageDir} is incomplete after install`);
@@ -533,8 +529,11 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
   }
 }
 
-/** Renames the staged directory into place; replaces an existing one (force) via a side step. */
-async function installImage(stage: string, imageDir: string, work: string): Promise<void> {
+/**
+ * Renames the staged directory into place. If an image with this key already exists (a
+ * concurrent builder won the race), it is kept unless `replace` (force) asks for ours.
+ */
+async function installImage(stage: string, imageDir: string, work: string, replace: boolean): Promise<void> {
   try {
     await rename(stage, imageDir);
     return;
@@ -545,12 +544,25 @@ async function installImage(stage: string, imageDir: string, work: string): Prom
       });
     }
   }
-  // Another build (or an earlier one) got there first: move it aside, then ours in.
+  if (!replace && (await loadImage(imageDir))) return;
+  // Move the old one aside (it is deleted with the work dir), then ours in.
   await rename(imageDir, join(work, 'old')).catch(() => {});
-  await rename(stage, imageDir).catch(async (err: unknown) => {
-    if (await loadImage(imageDir)) return; // a concurrent builder installed an equivalent image
+  try {
+    await rename(stage, imageDir);
+  } catch (err) {
+    if (await loadImage(imageDir)) return; // another builder installed an equivalent image meanwhile
     throw new GuestBuildError(`Cannot build guest: cannot install ${imageDir}: ${errorText(err)}`, {
       cause: err,
     });
-  });
+  }
+}
+
+/** Removes work directories left behind by builds that were killed (older than an hour). */
+async function removeStaleWorkDirs(cacheDir: string): Promise<void> {
+  const names = await readdir(cacheDir).catch(() => [] as string[]);
+  for (const name of names.filter((n) => n.startsWith('.build-'))) {
+    const dir = join(cacheDir, name);
+    const st = await stat(dir).catch(() => null);
+    if (st && Date.now() - st.mtimeMs > 3_600_000) await rm(dir, { recursive: true, force: true });
+  }
 }

@@ -5,7 +5,13 @@ import { StreamError } from '../core/errors.js';
 import { QEMU } from './constants.js';
 import { FIXTURES, loadFixture, loadManifest, type FixtureName } from './fixtures/index.js';
 import { StreamModel, assertSamePages, parseStream } from './fixtures/model.js';
-import { MigrationStreamReader, applyXbzrle, parseConfiguration, type ReaderOptions, type StreamSink } from './reader.js';
+import {
+  MigrationStreamReader,
+  applyXbzrle,
+  parseConfiguration,
+  type ReaderOptions,
+  type StreamSink,
+} from './reader.js';
 import { MigrationStreamWriter } from './writer.js';
 
 const MiB = 1024 * 1024;
@@ -96,6 +102,9 @@ describe('QEMU 7.2 fixtures', () => {
       if (name === 'backgroundSnapshot') {
         assert.ok(!kinds.includes('end'), 'background snapshot has no RAM END');
         assert.ok(kinds.length >= 2);
+        // Every page exactly once.
+        const pages = m.blocks.reduce((n, b) => n + b.usedLength / PAGE, 0);
+        assert.equal(m.counts.page + m.counts.zero + m.counts.xbzrle, pages);
       } else {
         assert.equal(kinds.at(-1), 'end');
       }
@@ -170,7 +179,7 @@ describe('QEMU 7.2 fixtures', () => {
       // Random chunk sizes, 1 .. 10000 bytes.
       const m = new StreamModel();
       const reader = new MigrationStreamReader(m);
-      for (let i = 0; i < data.length; ) {
+      for (let i = 0; i < data.length;) {
         const n = 1 + Math.floor(r() * 10000);
         reader.push(data.subarray(i, i + n));
         i += n;
@@ -192,7 +201,10 @@ interface Synthetic {
   data: Buffer;
   model: StreamModel;
   /** Stream offsets of the records, by name. */
-  at: Record<'start' | 'memSize' | 'startFooter' | 'part' | 'page' | 'contPage' | 'zero' | 'eos' | 'end' | 'device', number>;
+  at: Record<
+    'start' | 'memSize' | 'startFooter' | 'part' | 'page' | 'contPage' | 'zero' | 'eos' | 'end' | 'device',
+    number
+  >;
 }
 
 /** A small stream from the stopped fixture's configuration, blocks and device state. */
@@ -204,7 +216,9 @@ function synthetic(): Synthetic {
   w.header(model.configRaw);
   at.start = w.offset;
   at.memSize = at.start + 1 + 4 + 1 + 3 + 8;
-  w.ramStart(model.ramHeader ?? { sectionId: 2, instanceId: 0, versionId: 4 }, model.blocks, { ignoreShared: false });
+  w.ramStart(model.ramHeader ?? { sectionId: 2, instanceId: 0, versionId: 4 }, model.blocks, {
+    ignoreShared: false,
+  });
   at.startFooter = w.offset - 5;
   at.part = w.offset;
   w.beginRamPart();
@@ -262,16 +276,44 @@ describe('hostile input', () => {
   });
 
   it('rejects a bad magic and other versions', () => {
-    expectError(patched(data, (d) => (d[0] = 0x51 ^ 0xff)), /bad magic/, 0);
-    expectError(patched(data, (d) => d.writeUInt32BE(2, 4)), /version 2 is obsolete/, 4);
-    expectError(patched(data, (d) => d.writeUInt32BE(4, 4)), /unsupported stream version 4/, 4);
+    expectError(
+      patched(data, (d) => (d[0] = 0x51 ^ 0xff)),
+      /bad magic/,
+      0,
+    );
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(2, 4)),
+      /version 2 is obsolete/,
+      4,
+    );
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(4, 4)),
+      /unsupported stream version 4/,
+      4,
+    );
   });
 
   it('rejects a missing configuration and a too long machine type name', () => {
-    expectError(patched(data, (d) => (d[8] = QEMU.QEMU_VM_SECTION_START)), /configuration section/, 8);
-    expectError(patched(data, (d) => d.writeUInt32BE(256, 9)), /machine type name length 256/, 9);
-    const sub = Buffer.concat([Buffer.from([QEMU.QEMU_VM_SUBSECTION, 17]), Buffer.from('configuration/xyz'), Buffer.from([0, 0, 0, 1])]);
-    expectError(spliced(data, at.start, sub), /unknown configuration subsection "configuration\/xyz"/, at.start);
+    expectError(
+      patched(data, (d) => (d[8] = QEMU.QEMU_VM_SECTION_START)),
+      /configuration section/,
+      8,
+    );
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(256, 9)),
+      /machine type name length 256/,
+      9,
+    );
+    const sub = Buffer.concat([
+      Buffer.from([QEMU.QEMU_VM_SUBSECTION, 17]),
+      Buffer.from('configuration/xyz'),
+      Buffer.from([0, 0, 0, 1]),
+    ]);
+    expectError(
+      spliced(data, at.start, sub),
+      /unknown configuration subsection "configuration\/xyz"/,
+      at.start,
+    );
     const caps = Buffer.concat([
       Buffer.from([QEMU.QEMU_VM_SUBSECTION, 26]),
       Buffer.from('configuration/capabilities'),
@@ -283,14 +325,34 @@ describe('hostile input', () => {
 
   it('rejects unknown and misplaced section types', () => {
     expectError(spliced(data, at.part, Buffer.from([0x09])), /unknown section type 0x9/, at.part);
-    expectError(spliced(data, at.part, Buffer.from([QEMU.QEMU_VM_SUBSECTION])), /not allowed at top level/, at.part);
-    expectError(spliced(data, at.part, Buffer.from([QEMU.QEMU_VM_SECTION_FOOTER])), /not allowed at top level/, at.part);
+    expectError(
+      spliced(data, at.part, Buffer.from([QEMU.QEMU_VM_SUBSECTION])),
+      /not allowed at top level/,
+      at.part,
+    );
+    expectError(
+      spliced(data, at.part, Buffer.from([QEMU.QEMU_VM_SECTION_FOOTER])),
+      /not allowed at top level/,
+      at.part,
+    );
   });
 
   it('rejects bad section footers and foreign section ids', () => {
-    expectError(patched(data, (d) => d.writeUInt32BE(3, at.startFooter + 1)), /footer for id 3/, at.startFooter);
-    expectError(patched(data, (d) => (d[at.startFooter] = 0x7f)), /expected a section footer/, at.startFooter);
-    expectError(patched(data, (d) => d.writeUInt32BE(9, at.part + 1)), /PART for id 9/, at.part);
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(3, at.startFooter + 1)),
+      /footer for id 3/,
+      at.startFooter,
+    );
+    expectError(
+      patched(data, (d) => (d[at.startFooter] = 0x7f)),
+      /expected a section footer/,
+      at.startFooter,
+    );
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(9, at.part + 1)),
+      /PART for id 9/,
+      at.part,
+    );
     const second = data.subarray(at.start, at.part);
     expectError(spliced(data, at.part, second), /second RAM START/, at.part);
   });
@@ -298,37 +360,75 @@ describe('hostile input', () => {
   it('rejects unsupported iterable sections and RAM versions', () => {
     const block = Buffer.concat([Buffer.from([1, 0, 0, 0, 7, 5]), Buffer.from('block'), Buffer.alloc(8)]);
     expectError(spliced(data, at.start, block), /iterable section "block" is not supported/, at.start);
-    expectError(patched(data, (d) => d.writeUInt32BE(3, at.memSize - 4)), /RAM section version 3/);
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(3, at.memSize - 4)),
+      /RAM section version 3/,
+    );
   });
 
   it('bounds the MEM_SIZE total and checks the block list against it', () => {
-    expectError(data, /MEM_SIZE total \d+ exceeds the limit of 16777216/, at.memSize, { maxRamBytes: 16 * MiB });
-    const setTotal = (total: number): Buffer => patched(data, (d) => d.writeUInt32BE(total + QEMU.RAM_SAVE_FLAG_MEM_SIZE, at.memSize + 4));
+    expectError(data, /MEM_SIZE total \d+ exceeds the limit of 16777216/, at.memSize, {
+      maxRamBytes: 16 * MiB,
+    });
+    const setTotal = (total: number): Buffer =>
+      patched(data, (d) => d.writeUInt32BE(total + QEMU.RAM_SAVE_FLAG_MEM_SIZE, at.memSize + 4));
     // ram0 fits, then the 128 KiB ACPI table block does not fit the remaining 64 KiB.
-    expectError(setTotal(32 * MiB + 64 * 1024), /disagrees with the MEM_SIZE total \(block of 131072 bytes\)/, at.memSize + 8 + 5 + 8);
+    expectError(
+      setTotal(32 * MiB + 64 * 1024),
+      /disagrees with the MEM_SIZE total \(block of 131072 bytes\)/,
+      at.memSize + 8 + 5 + 8,
+    );
     // One page short: the list ends a block early and the last entry is misread as a record.
-    expectError(patched(data, (d) => d.writeUInt32BE(d.readUInt32BE(at.memSize + 4) - PAGE, at.memSize + 4)), /unknown RAM record flags/);
-    expectError(patched(data, (d) => d.writeUInt32BE(d.readUInt32BE(at.memSize + 4) + PAGE, at.memSize + 4)), /empty name/);
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(d.readUInt32BE(at.memSize + 4) - PAGE, at.memSize + 4)),
+      /unknown RAM record flags/,
+    );
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(d.readUInt32BE(at.memSize + 4) + PAGE, at.memSize + 4)),
+      /empty name/,
+    );
   });
 
   it('rejects unknown, retired, combined and newer-QEMU flags', () => {
     const setFlags = (f: number): Buffer => patched(data, (d) => d.writeUInt32BE(f, pageWordLo));
     expectError(setFlags(0x400 | QEMU.RAM_SAVE_FLAG_PAGE), /unknown RAM record flags 0x408/, at.page);
-    expectError(setFlags(QEMU.RAM_SAVE_FLAG_ZERO | QEMU.RAM_SAVE_FLAG_PAGE), /unknown RAM record flags 0xa/, at.page);
+    expectError(
+      setFlags(QEMU.RAM_SAVE_FLAG_ZERO | QEMU.RAM_SAVE_FLAG_PAGE),
+      /unknown RAM record flags 0xa/,
+      at.page,
+    );
     expectError(setFlags(0), /unknown RAM record flags 0x0/, at.page);
     expectError(setFlags(QEMU.RAM_SAVE_FLAG_FULL), /retired/, at.page);
     expectError(setFlags(QEMU.RAM_SAVE_FLAG_HOOK), /RDMA/, at.page);
     expectError(setFlags(QEMU.RAM_SAVE_FLAG_MULTIFD_FLUSH), /QEMU 8\.0 or newer/, at.page);
     expectError(setFlags(QEMU.RAM_SAVE_FLAG_MEM_SIZE), /MEM_SIZE outside/, at.page);
-    expectError(patched(data, (d) => d.writeUInt32BE(1, at.eos)), /malformed EOS/, at.eos);
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(1, at.eos)),
+      /malformed EOS/,
+      at.eos,
+    );
   });
 
   it('rejects pages beyond their block, unknown blocks and CONTINUE without a block', () => {
-    expectError(patched(data, (d) => d.writeUInt32BE(32 * MiB + QEMU.RAM_SAVE_FLAG_PAGE, pageWordLo)), /beyond RAM block "ram0"/, at.page);
-    expectError(patched(data, (d) => d.writeUInt32BE(1, at.page)), /beyond RAM block "ram0"/, at.page);
-    expectError(patched(data, (d) => (d[at.page + 8 + 4] = 0x39)), /unknown RAM block "ram9"/, at.page);
     expectError(
-      patched(data, (d) => d.writeUInt32BE(QEMU.RAM_SAVE_FLAG_PAGE | QEMU.RAM_SAVE_FLAG_CONTINUE, pageWordLo)),
+      patched(data, (d) => d.writeUInt32BE(32 * MiB + QEMU.RAM_SAVE_FLAG_PAGE, pageWordLo)),
+      /beyond RAM block "ram0"/,
+      at.page,
+    );
+    expectError(
+      patched(data, (d) => d.writeUInt32BE(1, at.page)),
+      /beyond RAM block "ram0"/,
+      at.page,
+    );
+    expectError(
+      patched(data, (d) => (d[at.page + 8 + 4] = 0x39)),
+      /unknown RAM block "ram9"/,
+      at.page,
+    );
+    expectError(
+      patched(data, (d) =>
+        d.writeUInt32BE(QEMU.RAM_SAVE_FLAG_PAGE | QEMU.RAM_SAVE_FLAG_CONTINUE, pageWordLo),
+      ),
       /CONTINUE but no block named/,
       at.page,
     );
@@ -341,7 +441,10 @@ describe('hostile input', () => {
     const badEncoding = Buffer.concat([word, Buffer.from([2, 0, 2, 0, 1])]);
     expectError(spliced(data, at.zero, badEncoding), /XBZRLE record with encoding 0x2/, at.zero + 8);
     // A good XBZRLE record after the ram0 page at 0 (all 0xaa): overwrite 2 bytes at 0x10.
-    const good = Buffer.concat([be64(QEMU.RAM_SAVE_FLAG_XBZRLE + QEMU.RAM_SAVE_FLAG_CONTINUE), Buffer.from([1, 0, 4, 0x10, 2, 1, 2])]);
+    const good = Buffer.concat([
+      be64(QEMU.RAM_SAVE_FLAG_XBZRLE + QEMU.RAM_SAVE_FLAG_CONTINUE),
+      Buffer.from([1, 0, 4, 0x10, 2, 1, 2]),
+    ]);
     const m = parseStream(spliced(data, at.zero, good));
     const expected = Buffer.alloc(PAGE, 0xaa);
     expected[0x10] = 1;
@@ -351,13 +454,25 @@ describe('hostile input', () => {
     const cword = be64(3 * PAGE + QEMU.RAM_SAVE_FLAG_COMPRESS_PAGE + QEMU.RAM_SAVE_FLAG_CONTINUE);
     const clen = Buffer.alloc(4);
     clen.writeUInt32BE(5000);
-    expectError(spliced(data, at.zero, Buffer.concat([cword, clen])), /COMPRESS_PAGE length 5000 out of range/, at.zero + 8);
+    expectError(
+      spliced(data, at.zero, Buffer.concat([cword, clen])),
+      /COMPRESS_PAGE length 5000 out of range/,
+      at.zero + 8,
+    );
     const garbage = Buffer.from('not zlib at all');
     clen.writeUInt32BE(garbage.length);
-    expectError(spliced(data, at.zero, Buffer.concat([cword, clen, garbage])), /COMPRESS_PAGE does not inflate/, at.zero);
+    expectError(
+      spliced(data, at.zero, Buffer.concat([cword, clen, garbage])),
+      /COMPRESS_PAGE does not inflate/,
+      at.zero,
+    );
     const half = deflateSync(Buffer.alloc(PAGE / 2, 7));
     clen.writeUInt32BE(half.length);
-    expectError(spliced(data, at.zero, Buffer.concat([cword, clen, half])), /inflates to 2048 bytes/, at.zero);
+    expectError(
+      spliced(data, at.zero, Buffer.concat([cword, clen, half])),
+      /inflates to 2048 bytes/,
+      at.zero,
+    );
     const page = Buffer.alloc(PAGE, 0x5c);
     const z = deflateSync(page, { level: 1 });
     clen.writeUInt32BE(z.length);
@@ -372,7 +487,11 @@ describe('hostile input', () => {
     const withCommands = spliced(
       data,
       at.start,
-      Buffer.concat([command(QEMU.MIG_CMD_OPEN_RETURN_PATH), command(QEMU.MIG_CMD_PING, ping), command(QEMU.MIG_CMD_POSTCOPY_ADVISE, advise)]),
+      Buffer.concat([
+        command(QEMU.MIG_CMD_OPEN_RETURN_PATH),
+        command(QEMU.MIG_CMD_PING, ping),
+        command(QEMU.MIG_CMD_POSTCOPY_ADVISE, advise),
+      ]),
     );
     const m = parseStream(withCommands);
     assert.deepEqual(
@@ -380,27 +499,55 @@ describe('hostile input', () => {
       [QEMU.MIG_CMD_OPEN_RETURN_PATH, QEMU.MIG_CMD_PING, QEMU.MIG_CMD_POSTCOPY_ADVISE],
     );
     assert.equal(m.counts.page, 2);
-    expectError(spliced(data, at.start, command(QEMU.MIG_CMD_PACKAGED, Buffer.alloc(4))), /postcopy streams are not supported \(command PACKAGED\)/, at.start);
-    expectError(spliced(data, at.part, command(QEMU.MIG_CMD_POSTCOPY_LISTEN)), /postcopy streams are not supported/, at.part);
+    expectError(
+      spliced(data, at.start, command(QEMU.MIG_CMD_PACKAGED, Buffer.alloc(4))),
+      /postcopy streams are not supported \(command PACKAGED\)/,
+      at.start,
+    );
+    expectError(
+      spliced(data, at.part, command(QEMU.MIG_CMD_POSTCOPY_LISTEN)),
+      /postcopy streams are not supported/,
+      at.part,
+    );
     expectError(spliced(data, at.start, command(QEMU.MIG_CMD_ENABLE_COLO)), /COLO/, at.start);
-    expectError(spliced(data, at.start, command(QEMU.MIG_CMD_PING, Buffer.alloc(5))), /PING with length 5/, at.start);
+    expectError(
+      spliced(data, at.start, command(QEMU.MIG_CMD_PING, Buffer.alloc(5))),
+      /PING with length 5/,
+      at.start,
+    );
     expectError(spliced(data, at.start, command(QEMU.MIG_CMD_MAX)), /invalid command 11/, at.start);
     expectError(spliced(data, at.start, command(QEMU.MIG_CMD_INVALID)), /invalid command 0/, at.start);
     const badAdvise = Buffer.concat([be64(0x1000), be64(2 * PAGE)]);
-    expectError(spliced(data, at.start, command(QEMU.MIG_CMD_POSTCOPY_ADVISE, badAdvise)), /different target page size/);
+    expectError(
+      spliced(data, at.start, command(QEMU.MIG_CMD_POSTCOPY_ADVISE, badAdvise)),
+      /different target page size/,
+    );
   });
 
   it('reads the per-block page_size extra after POSTCOPY_ADVISE', () => {
     // Hand-built: ADVISE(summary 0x201000), START with ram0 (2 MiB pages) and pc.bios (host pages).
     const parts: Buffer[] = [data.subarray(0, at.start)];
     parts.push(command(QEMU.MIG_CMD_POSTCOPY_ADVISE, Buffer.concat([be64(0x201000), be64(PAGE)])));
-    parts.push(Buffer.from([QEMU.QEMU_VM_SECTION_START, 0, 0, 0, 2, 3]), Buffer.from('ram'), Buffer.from([0, 0, 0, 0, 0, 0, 0, 4]));
+    parts.push(
+      Buffer.from([QEMU.QEMU_VM_SECTION_START, 0, 0, 0, 2, 3]),
+      Buffer.from('ram'),
+      Buffer.from([0, 0, 0, 0, 0, 0, 0, 4]),
+    );
     parts.push(be64(32 * MiB + 256 * 1024 + QEMU.RAM_SAVE_FLAG_MEM_SIZE));
     parts.push(Buffer.from([4]), Buffer.from('ram0'), be64(32 * MiB), be64(0x200000));
     parts.push(Buffer.from([7]), Buffer.from('pc.bios'), be64(256 * 1024));
     parts.push(be64(QEMU.RAM_SAVE_FLAG_EOS), Buffer.from([QEMU.QEMU_VM_SECTION_FOOTER, 0, 0, 0, 2]));
-    parts.push(Buffer.from([QEMU.QEMU_VM_SECTION_END, 0, 0, 0, 2]), be64(QEMU.RAM_SAVE_FLAG_PAGE), Buffer.from([4]), Buffer.from('ram0'));
-    parts.push(Buffer.alloc(PAGE, 1), be64(QEMU.RAM_SAVE_FLAG_EOS), Buffer.from([QEMU.QEMU_VM_SECTION_FOOTER, 0, 0, 0, 2]));
+    parts.push(
+      Buffer.from([QEMU.QEMU_VM_SECTION_END, 0, 0, 0, 2]),
+      be64(QEMU.RAM_SAVE_FLAG_PAGE),
+      Buffer.from([4]),
+      Buffer.from('ram0'),
+    );
+    parts.push(
+      Buffer.alloc(PAGE, 1),
+      be64(QEMU.RAM_SAVE_FLAG_EOS),
+      Buffer.from([QEMU.QEMU_VM_SECTION_FOOTER, 0, 0, 0, 2]),
+    );
     parts.push(data.subarray(at.device));
     const m = parseStream(Buffer.concat(parts));
     assert.deepEqual(m.blocks, [
@@ -411,19 +558,32 @@ describe('hostile input', () => {
   });
 
   it('bounds the device state and verifies it against the VMDESC', () => {
-    expectError(data, /device state exceeds the limit of 1000 bytes/, at.device + 1000, { maxDeviceStateBytes: 1000 });
+    expectError(data, /device state exceeds the limit of 1000 bytes/, at.device + 1000, {
+      maxDeviceStateBytes: 1000,
+    });
     const json = data.indexOf('{"page_size"', at.device);
     assert.ok(json > at.device);
     // A size in the JSON that no longer matches the bytes.
     const size = data.indexOf('"size": 8', json);
-    expectError(patched(data, (d) => (d[size + 8] = 0x39)), /bad footer of FULL section timer/);
+    expectError(
+      patched(data, (d) => (d[size + 8] = 0x39)),
+      /bad footer of FULL section timer/,
+    );
     // JSON that does not parse (same length).
     const colon = data.indexOf(':', json);
-    expectError(patched(data, (d) => (d[colon] = 0x3b)), /VMDESC JSON does not parse/, json);
+    expectError(
+      patched(data, (d) => (d[colon] = 0x3b)),
+      /VMDESC JSON does not parse/,
+      json,
+    );
     // A flipped byte in a section footer.
     const blob = s.model.deviceBlob as Buffer;
     const firstFooter = at.device + blob.indexOf(Buffer.from([QEMU.QEMU_VM_SECTION_FOOTER, 0, 0, 0, 0]), 1);
-    expectError(patched(data, (d) => (d[firstFooter + 4] = 9)), /bad footer of FULL section timer/, firstFooter);
+    expectError(
+      patched(data, (d) => (d[firstFooter + 4] = 9)),
+      /bad footer of FULL section timer/,
+      firstFooter,
+    );
     // Bytes after the JSON.
     expectError(Buffer.concat([data, Buffer.from([0])]), /./);
   });
@@ -450,8 +610,14 @@ describe('hostile input', () => {
       const err = expectError(data.subarray(0, cut), /truncated|./);
       assert.ok(err.offset <= cut, `offset ${err.offset} > cut ${cut}`);
     }
-    assert.match(parseError(data.subarray(0, at.page + 100)).message, /truncated stream: it ends inside a RAM section/);
-    assert.match(parseError(data.subarray(0, at.device)).message, /truncated stream: it ends between sections/);
+    assert.match(
+      parseError(data.subarray(0, at.page + 100)).message,
+      /truncated stream: it ends inside a RAM section/,
+    );
+    assert.match(
+      parseError(data.subarray(0, at.device)).message,
+      /truncated stream: it ends between sections/,
+    );
     for (let cut = data.length - 200; cut < data.length; cut++) expectError(data.subarray(0, cut), /./);
   });
 
@@ -505,7 +671,8 @@ describe('applyXbzrle', () => {
       for (let e = 0; e < edits; e++) {
         const start = Math.floor(r() * PAGE);
         const len = Math.floor(r() * 300);
-        for (let k = start; k < Math.min(PAGE, start + len); k++) cur[k] = (cur[k] as number) ^ (1 + Math.floor(r() * 200));
+        for (let k = start; k < Math.min(PAGE, start + len); k++)
+          cur[k] = (cur[k] as number) ^ (1 + Math.floor(r() * 200));
       }
       const delta = xbzrleEncode(old, cur);
       const target = Buffer.from(old);
@@ -526,12 +693,15 @@ describe('applyXbzrle', () => {
       [[0xff, 0x1f, 0x02, 0x01, 0x02], /passes the end/],
     ];
     for (const [bytes, message] of cases) {
-      assert.throws(() => applyXbzrle(Buffer.alloc(PAGE), Buffer.from(bytes), 1234), (err: unknown) => {
-        assert.ok(err instanceof StreamError);
-        assert.match(err.message, message);
-        assert.equal(err.offset, 1234);
-        return true;
-      });
+      assert.throws(
+        () => applyXbzrle(Buffer.alloc(PAGE), Buffer.from(bytes), 1234),
+        (err: unknown) => {
+          assert.ok(err instanceof StreamError);
+          assert.match(err.message, message);
+          assert.equal(err.offset, 1234);
+          return true;
+        },
+      );
     }
   });
 });
@@ -539,12 +709,15 @@ describe('applyXbzrle', () => {
 // ---- fuzz ----------------------------------------------------------------------------------------------
 
 /** Push `data` in random chunks and end(); returns the error (StreamError) or null on success. */
-function fuzzParse(data: Buffer, r: () => number): { err: unknown; reader: MigrationStreamReader; verified: boolean } {
+function fuzzParse(
+  data: Buffer,
+  r: () => number,
+): { err: unknown; reader: MigrationStreamReader; verified: boolean } {
   let verified = false;
   const sink: StreamSink = { ...nullSink, onDeviceState: (_b, info) => void (verified = info.verified) };
   const reader = new MigrationStreamReader(sink, { maxRamBytes: 64 * MiB });
   try {
-    for (let i = 0; i < data.length; ) {
+    for (let i = 0; i < data.length;) {
       const n = r() < 0.5 ? 1 + Math.floor(r() * 64) : 1 + Math.floor(r() * 200_000);
       reader.push(data.subarray(i, i + n));
       i += n;
@@ -556,7 +729,7 @@ function fuzzParse(data: Buffer, r: () => number): { err: unknown; reader: Migra
   }
 }
 
-describe('fuzz (seeded, time-bounded)', () => {
+describe('fuzz (seeded, time-bounded)', { timeout: 60_000 }, () => {
   const data = loadFixture('precopyRunning');
   // Record boundaries from a clean parse, to aim mutations at headers.
   const boundaries: number[] = [];
@@ -625,14 +798,20 @@ describe('fuzz (seeded, time-bounded)', () => {
         // insert or delete a short run (desynchronises everything after it)
         const p = Math.floor(r() * d.length);
         const n = 1 + Math.floor(r() * 16);
-        mutated = r() < 0.5 ? spliced(d, p, Buffer.alloc(n, Math.floor(r() * 256))) : spliced(d, p, Buffer.alloc(0), n);
+        mutated =
+          r() < 0.5
+            ? spliced(d, p, Buffer.alloc(n, Math.floor(r() * 256)))
+            : spliced(d, p, Buffer.alloc(0), n);
       }
       const { err, reader } = fuzzParse(mutated, r);
       if (err === null) {
         assert.equal(reader.complete, true);
         outcome.ok++;
       } else {
-        assert.ok(err instanceof StreamError, `not a StreamError: ${err instanceof Error ? err.stack : String(err)}`);
+        assert.ok(
+          err instanceof StreamError,
+          `not a StreamError: ${err instanceof Error ? err.stack : String(err)}`,
+        );
         assert.ok(err.offset >= 0 && err.offset <= mutated.length, `offset ${err.offset}`);
         assert.equal(reader.complete, false);
         outcome.error++;

@@ -16,10 +16,13 @@
 import { inflateSync } from 'node:zlib';
 import { StreamError } from '../core/errors.js';
 import { LAYOUT, QEMU, compressBound } from './constants.js';
+import { decodeConfiguration, peekString, type ConfigurationInfo } from './configuration.js';
 import { ByteQueue } from './queue.js';
 import { verifyDeviceState, type DeviceStateInfo } from './vmdesc.js';
 
 export type { DeviceStateInfo } from './vmdesc.js';
+export { parseConfiguration, type ConfigurationInfo } from './configuration.js';
+export { applyXbzrle } from './xbzrle.js';
 
 export interface RamBlockInfo {
   /** RAM block idstr, e.g. `ram0`, `pc.bios`, `/rom@etc/acpi/tables`. */
@@ -67,24 +70,10 @@ export interface ReaderOptions {
   requireVmdesc?: boolean;
 }
 
-/** What the configuration section says. */
-export interface ConfigurationInfo {
-  /** Resolved machine type, e.g. `pc-i440fx-7.2`. */
-  machineType: string;
-  /** Validated capabilities (7.2: at most `x-ignore-shared`). */
-  capabilities: string[];
-  /** From `configuration/target-page-bits`, when present. */
-  targetPageBits?: number;
-  /** From `configuration/uuid`, when present. */
-  uuid?: Buffer;
-}
-
 export const DEFAULT_MAX_RAM_BYTES = 2 ** 40;
 export const DEFAULT_MAX_DEVICE_STATE_BYTES = 64 * 1024 * 1024;
 /** More RAM blocks than any real machine has; bounds the MEM_SIZE list. */
 const MAX_RAM_BLOCKS = 4096;
-/** More than the one capability 7.2 validates. */
-const MAX_CONFIG_CAPABILITIES = 16;
 /** be64 values are split into be32 halves; a high half above this would pass 2^53. */
 const MAX_SAFE_HI = 0x1fffff;
 const TWO_32 = 0x1_0000_0000;
@@ -147,116 +136,6 @@ const COMMAND_NAMES: Record<number, string> = {
 
 function hex(v: number): string {
   return '0x' + v.toString(16);
-}
-
-/** Latin-1 string of `n` queued bytes at `at` (rare paths only: names, errors). */
-function peekString(q: ByteQueue, at: number, n: number): string {
-  let s = '';
-  for (let k = 0; k < n; k++) s += String.fromCharCode(q.u8(at + k));
-  return s;
-}
-
-/**
- * Decode the configuration section at the head of `q` without consuming it. Returns null when more
- * bytes are needed (the section's end is only known from the byte after it, unless `atEnd`).
- */
-function decodeConfiguration(
-  q: ByteQueue,
-  atEnd: boolean,
-  base: number,
-): { info: ConfigurationInfo; length: number } | null {
-  if (q.length < 1) return null;
-  const type = q.u8(0);
-  if (type !== QEMU.QEMU_VM_CONFIGURATION) {
-    throw new StreamError(
-      `expected the configuration section (0x07) after the file header, found ${hex(type)} ` +
-        '(streams without one, from machine types 2.3 and older, are not supported)',
-      base,
-    );
-  }
-  if (q.length < 5) return null;
-  const nameLen = q.u32(1);
-  if (nameLen === 0 || nameLen > QEMU.CSTR_MAX) {
-    throw new StreamError(`machine type name length ${nameLen} is out of range 1..${QEMU.CSTR_MAX}`, base + 1);
-  }
-  let p = 5 + nameLen;
-  if (q.length < p) return null;
-  const info: ConfigurationInfo = { machineType: peekString(q, 5, nameLen), capabilities: [] };
-  const seen = new Set<string>();
-  for (;;) {
-    if (q.length <= p) {
-      if (atEnd) break;
-      return null;
-    }
-    if (q.u8(p) !== QEMU_VM_SUBSECTION) break;
-    if (q.length < p + 2) return null;
-    const n = q.u8(p + 1);
-    const body = p + 2 + n + 4;
-    if (q.length < body) return null;
-    const name = peekString(q, p + 2, n);
-    if (seen.has(name)) throw new StreamError(`configuration subsection ${name} appears twice`, base + p);
-    seen.add(name);
-    const version = q.u32(p + 2 + n);
-    if (version !== QEMU.CONFIGURATION_SUBSECTION_VERSION) {
-      throw new StreamError(`configuration subsection ${JSON.stringify(name)} has version ${version}`, base + p);
-    }
-    switch (name) {
-      case QEMU.CONFIGURATION_SUBSECTION_PAGE_BITS: {
-        if (q.length < body + 4) return null;
-        const bits = q.u32(body);
-        if (bits < QEMU.TARGET_PAGE_BITS_MIN || bits > QEMU.TARGET_PAGE_BITS_MAX) {
-          throw new StreamError(`target page bits ${bits} out of range`, base + body);
-        }
-        info.targetPageBits = bits;
-        p = body + 4;
-        break;
-      }
-      case QEMU.CONFIGURATION_SUBSECTION_CAPABILITIES: {
-        if (q.length < body + 4) return null;
-        const count = q.u32(body);
-        if (count > MAX_CONFIG_CAPABILITIES) {
-          throw new StreamError(`${count} capabilities in the configuration section`, base + body);
-        }
-        let c = body + 4;
-        const caps: string[] = [];
-        for (let i = 0; i < count; i++) {
-          if (q.length < c + 1) return null;
-          const len = q.u8(c);
-          if (q.length < c + 1 + len) return null;
-          const cap = peekString(q, c + 1, len);
-          if (cap !== QEMU.MIGRATION_CAPABILITY_X_IGNORE_SHARED) {
-            throw new StreamError(`unknown validated capability ${JSON.stringify(cap)}`, base + c);
-          }
-          caps.push(cap);
-          c += 1 + len;
-        }
-        info.capabilities = caps;
-        p = c;
-        break;
-      }
-      case QEMU.CONFIGURATION_SUBSECTION_UUID: {
-        if (q.length < body + QEMU.UUID_LEN) return null;
-        const uuid = Buffer.alloc(QEMU.UUID_LEN);
-        for (let k = 0; k < QEMU.UUID_LEN; k++) uuid[k] = q.u8(body + k);
-        info.uuid = uuid;
-        p = body + QEMU.UUID_LEN;
-        break;
-      }
-      default:
-        throw new StreamError(`unknown configuration subsection ${JSON.stringify(name)}`, base + p);
-    }
-  }
-  return { info, length: p };
-}
-
-/** Decode a complete configuration section (e.g. the `raw` bytes handed to onConfiguration). */
-export function parseConfiguration(raw: Buffer): ConfigurationInfo {
-  const q = new ByteQueue();
-  q.push(raw);
-  const r = decodeConfiguration(q, true, 0);
-  if (r === null) throw new StreamError('truncated configuration section', raw.length);
-  if (r.length !== raw.length) throw new StreamError('bytes after the configuration section', r.length);
-  return r.info;
 }
 
 export class MigrationStreamReader {
@@ -406,7 +285,10 @@ export class MigrationStreamReader {
     if (q.length < LAYOUT.FILE_HEADER) return false;
     const magic = q.u32(0);
     if (magic !== QEMU.QEMU_VM_FILE_MAGIC) {
-      throw new StreamError(`bad magic ${hex(magic)} (expected QEVM ${hex(QEMU.QEMU_VM_FILE_MAGIC)})`, this.pos);
+      throw new StreamError(
+        `bad magic ${hex(magic)} (expected QEVM ${hex(QEMU.QEMU_VM_FILE_MAGIC)})`,
+        this.pos,
+      );
     }
     const version = q.u32(4);
     if (version === QEMU.QEMU_VM_FILE_VERSION_COMPAT) {
@@ -485,7 +367,10 @@ export class MigrationStreamReader {
       versionId: q.u32(tail + 4),
     };
     if (header.versionId !== QEMU.RAM_VERSION_ID) {
-      throw new StreamError(`RAM section version ${header.versionId} (expected ${QEMU.RAM_VERSION_ID})`, this.pos + tail + 4);
+      throw new StreamError(
+        `RAM section version ${header.versionId} (expected ${QEMU.RAM_VERSION_ID})`,
+        this.pos + tail + 4,
+      );
     }
     this.sectionStart = this.pos;
     this.sectionKind = 'start';
@@ -503,7 +388,10 @@ export class MigrationStreamReader {
     const kind = type === QEMU_VM_SECTION_PART ? 'PART' : 'END';
     if (this.ramSectionId < 0) throw new StreamError(`section ${kind} (id ${id}) before any START`, this.pos);
     if (id !== this.ramSectionId) {
-      throw new StreamError(`section ${kind} for id ${id}, but the RAM section is id ${this.ramSectionId}`, this.pos);
+      throw new StreamError(
+        `section ${kind} for id ${id}, but the RAM section is id ${this.ramSectionId}`,
+        this.pos,
+      );
     }
     if (!this.haveBlockList) throw new StreamError(`RAM ${kind} section before the block list`, this.pos);
     if (this.sawRamEnd) throw new StreamError(`RAM ${kind} section after the RAM END section`, this.pos);
@@ -551,7 +439,10 @@ export class MigrationStreamReader {
     if (cmd === QEMU.MIG_CMD_POSTCOPY_ADVISE && len === 16) {
       // be64 host page-size summary, be64 target page size. Turns on the MEM_SIZE page_size extra.
       if (payload.readUInt32BE(8) !== 0 || payload.readUInt32BE(12) !== this.tps) {
-        throw new StreamError('POSTCOPY_ADVISE announces a different target page size', at + LAYOUT.COMMAND_HEADER + 8);
+        throw new StreamError(
+          'POSTCOPY_ADVISE announces a different target page size',
+          at + LAYOUT.COMMAND_HEADER + 8,
+        );
       }
       this.postcopyRam = true;
     }
@@ -567,7 +458,10 @@ export class MigrationStreamReader {
     }
     const id = q.u32(1);
     if (id !== this.ramSectionId) {
-      throw new StreamError(`section footer for id ${id} closes RAM section id ${this.ramSectionId}`, this.pos);
+      throw new StreamError(
+        `section footer for id ${id} closes RAM section id ${this.ramSectionId}`,
+        this.pos,
+      );
     }
     this.consume(LAYOUT.SECTION_FOOTER);
     this.state = S_TOP;
@@ -613,7 +507,8 @@ export class MigrationStreamReader {
 
   private parseMemSize(hi: number, lo: number, flags: number): boolean {
     const at = this.pos;
-    if (flags !== RAM_SAVE_FLAG_MEM_SIZE) throw new StreamError(`MEM_SIZE with extra flags ${hex(flags)}`, at);
+    if (flags !== RAM_SAVE_FLAG_MEM_SIZE)
+      throw new StreamError(`MEM_SIZE with extra flags ${hex(flags)}`, at);
     if (this.sectionKind !== 'start' || this.haveBlockList) {
       throw new StreamError('MEM_SIZE outside the first RAM START section', at);
     }
@@ -665,7 +560,8 @@ export class MigrationStreamReader {
       mrAddr = h * TWO_32 + q.u32(p + 4);
       p += 8;
     }
-    if (this.blocks.length >= MAX_RAM_BLOCKS) throw new StreamError(`more than ${MAX_RAM_BLOCKS} RAM blocks`, at);
+    if (this.blocks.length >= MAX_RAM_BLOCKS)
+      throw new StreamError(`more than ${MAX_RAM_BLOCKS} RAM blocks`, at);
     const nameBytes = Buffer.alloc(n);
     for (let k = 0; k < n; k++) nameBytes[k] = q.u8(1 + k);
     const name = nameBytes.toString('latin1');
@@ -735,7 +631,10 @@ export class MigrationStreamReader {
         if (q.length < p + header) return false;
         payload = q.u32(p);
         if (payload === 0 || payload > compressBound(tps)) {
-          throw new StreamError(`COMPRESS_PAGE length ${payload} out of range 1..${compressBound(tps)}`, at + p);
+          throw new StreamError(
+            `COMPRESS_PAGE length ${payload} out of range 1..${compressBound(tps)}`,
+            at + p,
+          );
         }
       }
     }
@@ -745,7 +644,10 @@ export class MigrationStreamReader {
     if (nameLen >= 0) {
       block = this.lookupBlock(nameLen);
       if (block < 0) {
-        throw new StreamError(`unknown RAM block ${JSON.stringify(peekString(q, LAYOUT.RAM_WORD + 1, nameLen))}`, at);
+        throw new StreamError(
+          `unknown RAM block ${JSON.stringify(peekString(q, LAYOUT.RAM_WORD + 1, nameLen))}`,
+          at,
+        );
       }
       this.curBlock = block;
     }
@@ -780,7 +682,8 @@ export class MigrationStreamReader {
   private lookupBlock(nameLen: number): number {
     const names = this.blockNames;
     const cur = names[this.curBlock];
-    if (cur !== undefined && cur.length === nameLen && this.q.equals(LAYOUT.RAM_WORD + 1, cur)) return this.curBlock;
+    if (cur !== undefined && cur.length === nameLen && this.q.equals(LAYOUT.RAM_WORD + 1, cur))
+      return this.curBlock;
     for (let i = 0; i < names.length; i++) {
       const b = names[i] as Buffer;
       if (b.length === nameLen && this.q.equals(LAYOUT.RAM_WORD + 1, b)) return i;
@@ -823,49 +726,5 @@ export class MigrationStreamReader {
     this.q.copyOut(this.devBuf, this.devLen, n);
     this.devLen += n;
     this.pos += n;
-  }
-}
-
-/**
- * Apply an XBZRLE delta to `target` (one page, in place). Delta grammar: pairs of ULEB128 `skip`
- * (unchanged bytes) and `count` (literal bytes that follow), each ≤ 0x3FFF and at most 2 bytes;
- * `count` ≥ 1; `skip` is 0 only in the first pair; the position never passes the page end.
- * `offset` is the stream offset of the record, for errors. Throws StreamError.
- */
-export function applyXbzrle(target: Buffer, delta: Buffer, offset: number): void {
-  const end = target.length;
-  let d = 0;
-  let t = 0;
-  let first = true;
-  while (d < delta.length) {
-    // skip
-    let b = delta[d++] as number;
-    let skip = b & 0x7f;
-    if (b & 0x80) {
-      if (d >= delta.length) throw new StreamError('XBZRLE delta truncated in a skip length', offset);
-      b = delta[d++] as number;
-      if (b & 0x80) throw new StreamError('XBZRLE skip length longer than 2 bytes', offset);
-      skip |= b << 7;
-    }
-    if (skip === 0 && !first) throw new StreamError('XBZRLE zero skip after the first run', offset);
-    first = false;
-    t += skip;
-    // count
-    if (d >= delta.length) throw new StreamError('XBZRLE delta truncated before a literal count', offset);
-    b = delta[d++] as number;
-    let count = b & 0x7f;
-    if (b & 0x80) {
-      if (d >= delta.length) throw new StreamError('XBZRLE delta truncated in a literal count', offset);
-      b = delta[d++] as number;
-      if (b & 0x80) throw new StreamError('XBZRLE literal count longer than 2 bytes', offset);
-      count |= b << 7;
-    }
-    if (count === 0) throw new StreamError('XBZRLE literal run of length 0', offset);
-    if (t + count > end || d + count > delta.length) {
-      throw new StreamError('XBZRLE run passes the end of the page or the delta', offset);
-    }
-    delta.copy(target, t, d, d + count);
-    d += count;
-    t += count;
   }
 }

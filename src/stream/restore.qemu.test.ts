@@ -12,7 +12,13 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadFixture, loadSharedRamImage, type FixtureName } from './fixtures/index.js';
-import { assertSamePages, parseStream, writeModelToBuffer, type StreamModel, type WriteModelOptions } from './fixtures/model.js';
+import {
+  assertSamePages,
+  parseStream,
+  writeModelToBuffer,
+  type StreamModel,
+  type WriteModelOptions,
+} from './fixtures/model.js';
 import {
   GUEST_RAM_BYTES,
   machineArgs,
@@ -86,7 +92,10 @@ describe('real QEMU 7.2 destination', { skip, timeout: 120_000 }, () => {
     return parseStream(readFileSync(file));
   }
 
-  async function synthesize(name: FixtureName, opts: WriteModelOptions = {}): Promise<{ model: StreamModel; stream: Buffer }> {
+  async function synthesize(
+    name: FixtureName,
+    opts: WriteModelOptions = {},
+  ): Promise<{ model: StreamModel; stream: Buffer }> {
     const model = parseStream(loadFixture(name));
     return { model, stream: await writeModelToBuffer(model, { recordsPerSection: 4096, ...opts }) };
   }
@@ -161,7 +170,9 @@ describe('real QEMU 7.2 destination', { skip, timeout: 120_000 }, () => {
     bad.writeUInt32BE(0x99, startFooter + 1); // the START section's footer names another section
     const file = join(dir, 'bad.qevm');
     writeFileSync(file, bad);
-    const vm = await startQemu([...machineArgs(), '-incoming', `exec:cat '${file}'`]).catch((err: unknown) => err);
+    const vm = await startQemu([...machineArgs(), '-incoming', `exec:cat '${file}'`]).catch(
+      (err: unknown) => err,
+    );
     if (vm instanceof Error) return; // exited before QMP came up: refused
     running.push(vm as RunningQemu);
     const deadline = Date.now() + 10_000;

@@ -103,11 +103,15 @@ function readRunstate(blob: Buffer, payloadAt: number, payloadLen: number): stri
 export function verifyDeviceState(blob: Buffer, base: number, requireVmdesc: boolean): DeviceStateInfo {
   const loc = locateVmdesc(blob);
   if (loc === null) {
-    if (requireVmdesc) throw new StreamError('stream ends without a VM description (VMDESC)', base + blob.length);
+    if (requireVmdesc)
+      throw new StreamError('stream ends without a VM description (VMDESC)', base + blob.length);
     return walkWithoutVmdesc(blob, base);
   }
   if (loc.jsonLen > VMDESC_MAX_BYTES) {
-    throw new StreamError(`VMDESC of ${loc.jsonLen} bytes exceeds the ${VMDESC_MAX_BYTES} byte limit`, base + loc.eofAt + 1);
+    throw new StreamError(
+      `VMDESC of ${loc.jsonLen} bytes exceeds the ${VMDESC_MAX_BYTES} byte limit`,
+      base + loc.eofAt + 1,
+    );
   }
   const jsonAt = base + loc.jsonStart;
   let doc: unknown;
@@ -145,8 +149,14 @@ export function verifyDeviceState(blob: Buffer, base: number, requireVmdesc: boo
     }
     const sectionId = blob.readUInt32BE(pos + 1);
     const nameAt = pos + LAYOUT.SHORT_SECTION_HEADER;
-    if (blob[nameAt] !== nameBytes.length || !blob.subarray(nameAt + 1, nameAt + 1 + nameBytes.length).equals(nameBytes)) {
-      throw new StreamError(`FULL section idstr does not match VMDESC device #${i} (${d.name})`, base + nameAt);
+    if (
+      blob[nameAt] !== nameBytes.length ||
+      !blob.subarray(nameAt + 1, nameAt + 1 + nameBytes.length).equals(nameBytes)
+    ) {
+      throw new StreamError(
+        `FULL section idstr does not match VMDESC device #${i} (${d.name})`,
+        base + nameAt,
+      );
     }
     const tailAt = nameAt + 1 + nameBytes.length;
     if (blob.readUInt32BE(tailAt) !== d.instance_id) {
@@ -157,7 +167,10 @@ export function verifyDeviceState(blob: Buffer, base: number, requireVmdesc: boo
     }
     const footerAt = pos + sectionLen - LAYOUT.SECTION_FOOTER;
     if (blob[footerAt] !== QEMU.QEMU_VM_SECTION_FOOTER || blob.readUInt32BE(footerAt + 1) !== sectionId) {
-      throw new StreamError(`bad footer of FULL section ${d.name} (section id ${sectionId})`, base + footerAt);
+      throw new StreamError(
+        `bad footer of FULL section ${d.name} (section id ${sectionId})`,
+        base + footerAt,
+      );
     }
     if (d.name === QEMU.GLOBALSTATE_IDSTR) runstate = readRunstate(blob, pos + headerLen, payload);
     pos += sectionLen;
@@ -168,7 +181,11 @@ export function verifyDeviceState(blob: Buffer, base: number, requireVmdesc: boo
       base + pos,
     );
   }
-  const info: DeviceStateInfo = { sections: doc.devices.length, vmdescJsonBytes: loc.jsonLen, verified: true };
+  const info: DeviceStateInfo = {
+    sections: doc.devices.length,
+    vmdescJsonBytes: loc.jsonLen,
+    verified: true,
+  };
   if (runstate !== undefined) info.runstate = runstate;
   return info;
 }
@@ -209,7 +226,8 @@ function walkWithoutVmdesc(blob: Buffer, base: number): DeviceStateInfo {
   footer[0] = QEMU.QEMU_VM_SECTION_FOOTER;
   while (pos < eofAt) {
     const headerLen = plausibleHeader(blob, pos, eofAt);
-    if (headerLen < 0) throw new StreamError('device state without VMDESC: no FULL section header here', base + pos);
+    if (headerLen < 0)
+      throw new StreamError('device state without VMDESC: no FULL section header here', base + pos);
     footer.writeUInt32BE(blob.readUInt32BE(pos + 1), 1);
     let search = pos + headerLen;
     let next = -1;
@@ -223,9 +241,14 @@ function walkWithoutVmdesc(blob: Buffer, base: number): DeviceStateInfo {
       }
       search = f + 1;
     }
-    if (next < 0) throw new StreamError('device state without VMDESC: cannot find this section\'s footer', base + pos);
+    if (next < 0)
+      throw new StreamError("device state without VMDESC: cannot find this section's footer", base + pos);
     const nameLen = blob[pos + LAYOUT.SHORT_SECTION_HEADER] as number;
-    const name = blob.toString('latin1', pos + LAYOUT.SHORT_SECTION_HEADER + 1, pos + LAYOUT.SHORT_SECTION_HEADER + 1 + nameLen);
+    const name = blob.toString(
+      'latin1',
+      pos + LAYOUT.SHORT_SECTION_HEADER + 1,
+      pos + LAYOUT.SHORT_SECTION_HEADER + 1 + nameLen,
+    );
     if (name === QEMU.GLOBALSTATE_IDSTR) {
       runstate = readRunstate(blob, pos + headerLen, next - LAYOUT.SECTION_FOOTER - pos - headerLen);
     }

@@ -31,11 +31,14 @@ describe('MigrationStreamWriter round trip', () => {
 
   it('omits blocks and zero pages on request', async () => {
     const original = parseStream(loadFixture('precopyStopped'));
-    const lazy = parseStream(await writeModelToBuffer(original, { omitBlocks: ['ram0'], dropZeroPages: true }));
+    const lazy = parseStream(
+      await writeModelToBuffer(original, { omitBlocks: ['ram0'], dropZeroPages: true }),
+    );
     assert.equal(lazy.pages[0]?.size, 0);
     assert.equal(lazy.counts.zero, 0);
     assert.ok(lazy.counts.page > 0);
-    for (const b of original.blocks.slice(1)) assert.ok(lazy.image(b.name).equals(original.image(b.name)), b.name);
+    for (const b of original.blocks.slice(1))
+      assert.ok(lazy.image(b.name).equals(original.image(b.name)), b.name);
   });
 });
 
@@ -50,7 +53,12 @@ describe('MigrationStreamWriter records', () => {
     const at: number[] = [];
     const bios = config.blockIndex('pc.bios');
     w.beginRamPart();
-    for (const [b, off] of [[0, 0], [0, PAGE], [bios, 0], [0, 2 * PAGE]] as const) {
+    for (const [b, off] of [
+      [0, 0],
+      [0, PAGE],
+      [bios, 0],
+      [0, 2 * PAGE],
+    ] as const) {
       at.push(w.offset);
       w.zeroPage(b, off);
     }
@@ -66,7 +74,10 @@ describe('MigrationStreamWriter records', () => {
     const named = at.map((o) => (data.readUInt32BE(o + 4) & QEMU.RAM_SAVE_FLAG_CONTINUE) === 0);
     assert.deepEqual(named, [true, false, true, true, true]);
     assert.equal(data.readUInt32BE(at[1] as number), 0);
-    assert.equal(data.readUInt32BE((at[1] as number) + 4), PAGE | QEMU.RAM_SAVE_FLAG_ZERO | QEMU.RAM_SAVE_FLAG_CONTINUE);
+    assert.equal(
+      data.readUInt32BE((at[1] as number) + 4),
+      PAGE | QEMU.RAM_SAVE_FLAG_ZERO | QEMU.RAM_SAVE_FLAG_CONTINUE,
+    );
     assert.equal(data.toString('latin1', (at[0] as number) + 9, (at[0] as number) + 13), 'ram0');
     const m = parseStream(data);
     assert.equal(m.counts.zero, 4);
@@ -80,7 +91,10 @@ describe('MigrationStreamWriter records', () => {
 
   it('rejects misuse with StreamErrors', () => {
     const w = new MigrationStreamWriter(() => undefined);
-    assert.throws(() => w.ramStart({ sectionId: 2, instanceId: 0, versionId: 4 }, config.blocks, { ignoreShared: false }), /ramStart\(\) called before header/);
+    assert.throws(
+      () => w.ramStart({ sectionId: 2, instanceId: 0, versionId: 4 }, config.blocks, { ignoreShared: false }),
+      /ramStart\(\) called before header/,
+    );
     assert.throws(() => w.header(Buffer.from([1, 2, 3])), StreamError);
     w.header(config.configRaw);
     assert.throws(() => w.header(config.configRaw), /header\(\) called after header/);
@@ -89,7 +103,10 @@ describe('MigrationStreamWriter records', () => {
       /does not enable x-ignore-shared/,
     );
     w.ramStart({ sectionId: 2, instanceId: 0, versionId: 4 }, config.blocks, { ignoreShared: false });
-    assert.throws(() => w.page(0, 0, Buffer.alloc(PAGE)), /page\(\)\/zeroPage\(\) called between RAM sections/);
+    assert.throws(
+      () => w.page(0, 0, Buffer.alloc(PAGE)),
+      /page\(\)\/zeroPage\(\) called between RAM sections/,
+    );
     w.beginRamPart();
     assert.throws(() => w.page(0, 0, Buffer.alloc(100)), /page of 100 bytes/);
     assert.throws(() => w.zeroPage(0, 100), /page offset 100 invalid/);
@@ -112,7 +129,8 @@ describe('MigrationStreamWriter output', () => {
     const blob = (model.deviceBlob as Buffer).length;
     const ramChunks = sizes.slice(0, sizes.indexOf(blob) >= 0 ? sizes.indexOf(blob) : sizes.length - 1);
     assert.ok(ramChunks.length >= 2, `${sizes.length} chunks`);
-    for (const s of ramChunks.slice(0, -1)) assert.ok(s <= 256 * 1024 && s > 256 * 1024 - PAGE - 300, `chunk of ${s}`);
+    for (const s of ramChunks.slice(0, -1))
+      assert.ok(s <= 256 * 1024 && s > 256 * 1024 - PAGE - 300, `chunk of ${s}`);
   });
 
   it('applies back-pressure: one out() call at a time, bounded backlog, same bytes', async () => {
@@ -133,7 +151,9 @@ describe('MigrationStreamWriter output', () => {
     };
     const w = new MigrationStreamWriter(out, { chunkSize, highWaterMark });
     w.header(model.configRaw);
-    w.ramStart(model.ramHeader ?? { sectionId: 2, instanceId: 0, versionId: 4 }, model.blocks, { ignoreShared: false });
+    w.ramStart(model.ramHeader ?? { sectionId: 2, instanceId: 0, versionId: 4 }, model.blocks, {
+      ignoreShared: false,
+    });
     w.beginRamPart();
     let written = 0;
     for (const [i] of model.blocks.entries()) {
@@ -170,7 +190,9 @@ describe('MigrationStreamWriter output', () => {
       { chunkSize: 16 * 1024, highWaterMark: 16 * 1024 },
     );
     w.header(model.configRaw);
-    w.ramStart(model.ramHeader ?? { sectionId: 2, instanceId: 0, versionId: 4 }, model.blocks, { ignoreShared: false });
+    w.ramStart(model.ramHeader ?? { sectionId: 2, instanceId: 0, versionId: 4 }, model.blocks, {
+      ignoreShared: false,
+    });
     w.beginRamPart();
     let thrown: unknown = null;
     try {

@@ -15,7 +15,8 @@
  */
 import { StreamError } from '../core/errors.js';
 import { LAYOUT, QEMU } from './constants.js';
-import { parseConfiguration, type RamBlockInfo, type RamSectionHeader } from './reader.js';
+import { parseConfiguration } from './configuration.js';
+import type { RamBlockInfo, RamSectionHeader } from './reader.js';
 
 export type ChunkSink = (chunk: Buffer) => Promise<void> | void;
 
@@ -38,7 +39,13 @@ const P_HEADER = 1; // header written
 const P_RAM = 2; // between RAM sections
 const P_SECTION = 3; // inside a PART/END section
 const P_DEVICE = 4; // device state written
-const PHASE_NAMES = ['before header()', 'after header()', 'between RAM sections', 'inside a RAM section', 'after deviceState()'];
+const PHASE_NAMES = [
+  'before header()',
+  'after header()',
+  'between RAM sections',
+  'inside a RAM section',
+  'after deviceState()',
+];
 
 interface Waiter {
   limit: number;
@@ -92,7 +99,10 @@ export class MigrationStreamWriter {
     this.expect(P_NEW, 'header()');
     const config = parseConfiguration(configurationRaw);
     if (config.targetPageBits !== undefined && 2 ** config.targetPageBits !== this.tps) {
-      throw new StreamError(`configuration target page size ${2 ** config.targetPageBits} != writer's ${this.tps}`, 0);
+      throw new StreamError(
+        `configuration target page size ${2 ** config.targetPageBits} != writer's ${this.tps}`,
+        0,
+      );
     }
     this.ignoreShared = config.capabilities.includes(QEMU.MIGRATION_CAPABILITY_X_IGNORE_SHARED);
     this.reserve(LAYOUT.FILE_HEADER);
@@ -118,16 +128,21 @@ export class MigrationStreamWriter {
     let total = 0;
     for (const b of blocks) {
       const name = Buffer.from(b.name, 'latin1');
-      if (name.length === 0 || name.length > QEMU.CSTR_MAX) throw new StreamError(`bad RAM block name ${JSON.stringify(b.name)}`, this.written);
-      if (b.usedLength % this.tps !== 0) throw new StreamError(`RAM block ${b.name}: length not page aligned`, this.written);
-      if (opts.ignoreShared && b.mrAddr === undefined) throw new StreamError(`RAM block ${b.name} has no mrAddr`, this.written);
+      if (name.length === 0 || name.length > QEMU.CSTR_MAX)
+        throw new StreamError(`bad RAM block name ${JSON.stringify(b.name)}`, this.written);
+      if (b.usedLength % this.tps !== 0)
+        throw new StreamError(`RAM block ${b.name}: length not page aligned`, this.written);
+      if (opts.ignoreShared && b.mrAddr === undefined)
+        throw new StreamError(`RAM block ${b.name} has no mrAddr`, this.written);
       this.blockNames.push(name);
       this.blockLengths.push(b.usedLength);
       total += b.usedLength;
     }
     this.sectionId = h.sectionId;
     const idstr = Buffer.from(QEMU.RAM_IDSTR, 'latin1');
-    this.reserve(LAYOUT.SHORT_SECTION_HEADER + 1 + idstr.length + LAYOUT.FULL_SECTION_HEADER_TAIL + LAYOUT.RAM_WORD);
+    this.reserve(
+      LAYOUT.SHORT_SECTION_HEADER + 1 + idstr.length + LAYOUT.FULL_SECTION_HEADER_TAIL + LAYOUT.RAM_WORD,
+    );
     this.u8(QEMU.QEMU_VM_SECTION_START);
     this.u32(h.sectionId);
     this.cstr(idstr);
@@ -170,7 +185,8 @@ export class MigrationStreamWriter {
 
   /** A PAGE record: `data` (one target page) is copied into the output. */
   page(block: number, offset: number, data: Buffer): boolean {
-    if (data.length !== this.tps) throw new StreamError(`page of ${data.length} bytes (page size ${this.tps})`, this.written);
+    if (data.length !== this.tps)
+      throw new StreamError(`page of ${data.length} bytes (page size ${this.tps})`, this.written);
     this.record(block, offset, RAM_SAVE_FLAG_PAGE, this.tps);
     data.copy(this.buf, this.len);
     this.len += this.tps;
@@ -245,9 +261,13 @@ export class MigrationStreamWriter {
     if (this.phase !== P_SECTION) this.expect(P_SECTION, 'page()/zeroPage()');
     const name = this.blockNames[block];
     const length = this.blockLengths[block];
-    if (name === undefined || length === undefined) throw new StreamError(`no RAM block #${block}`, this.written);
+    if (name === undefined || length === undefined)
+      throw new StreamError(`no RAM block #${block}`, this.written);
     if (offset % this.tps !== 0 || offset < 0 || offset + this.tps > length) {
-      throw new StreamError(`page offset ${offset} invalid for RAM block ${name.toString('latin1')}`, this.written);
+      throw new StreamError(
+        `page offset ${offset} invalid for RAM block ${name.toString('latin1')}`,
+        this.written,
+      );
     }
     const cont = this.named && block === this.lastBlock;
     this.reserve(LAYOUT.RAM_WORD + 1 + name.length + payload);

@@ -38,7 +38,14 @@ export async function launchQemu(
   const argv = qemuArgv(spec, launch);
   const logFd = fs.openSync(opts.logFile, 'w', PRIVATE_FILE_MODE);
   const spawnedAt = performance.now();
-  const child = spawn(spec.qemu.binary, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
+  // QEMU creates sockets and RAM files holding guest memory: owner-only, whoever calls us.
+  const umask = process.umask(0o077);
+  let child;
+  try {
+    child = spawn(spec.qemu.binary, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
+  } finally {
+    process.umask(umask);
+  }
   fs.closeSync(logFd);
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
   child.unref();
@@ -58,7 +65,12 @@ export async function launchQemu(
         const qmp = await QmpClient.connect(launch.qmpSocket, { timeoutMs: Math.max(1000, deadline - Date.now()) });
         return { process: id, qmp, qmpReadyMs: performance.now() - spawnedAt, spawnedAt };
       } catch (err) {
-        if (!(err instanceof QmpError) || err.code !== 'E_QMP_CONNECT') {
+        const retryable = err instanceof QmpError && err.code === 'E_QMP_CONNECT';
+        // A QEMU that closes QMP mid-handshake is usually exiting: report its own reason.
+        if (!retryable && (await waitExit(id, 500))) {
+          throw new VmError('E_VM_START', `QEMU exited during start: ${qemuLogTail(opts.logFile) || 'no message'}`);
+        }
+        if (!retryable) {
           kill(id);
           throw err;
         }

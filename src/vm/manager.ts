@@ -22,6 +22,7 @@ import {
 import { type LaunchArgs, type MemoryBackend, type VmSpec, validateVmName } from './spec.js';
 
 export type Log = (line: string) => void;
+export const BUNDLED_GUEST_MIN_MIB = 80;
 const quiet: Log = () => undefined;
 
 /** A console line that shows the bundled guest's workload is running. */
@@ -71,6 +72,10 @@ export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
   }
   let kernel = opts.kernel;
   let initrd = opts.initrd;
+  if (!kernel && opts.memMiB < BUNDLED_GUEST_MIN_MIB) {
+    // Below this the bundled kernel dies silently while unpacking its initramfs.
+    throw new TlcError('E_USAGE', `The bundled guest needs --mem ${BUNDLED_GUEST_MIN_MIB} or more (got ${opts.memMiB})`);
+  }
   if (!kernel) {
     const guest = await buildGuest({ cacheDir: defaultGuestCacheDir(), log });
     kernel = guest.kernel;

@@ -179,6 +179,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       blocks: received.blocks,
       configSha256: received.configSha256,
       device: received.device,
+      vmWasRunning: wasRunning,
       metrics: { ...stageMetrics(marks, received.bytesStored, info.downtime), ...(tcgFixup ? { tcgFixup } : {}) },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };

@@ -83,7 +83,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const check = deathCheck(launched.process, logFile, 'while loading the checkpoint');
   try {
     const stream = await feedStream(ckpt, mode, incoming, check);
-    await waitRunning(qmp, check, opts.timeoutMs ?? 60_000);
+    await waitLoaded(qmp, check, opts.timeoutMs ?? 60_000, m.vmWasRunning);
     const timeToRunningMs = performance.now() - launched.spawnedAt;
     log(`guest running ${timeToRunningMs.toFixed(0)} ms after QEMU started (${mode} restore)`);
     const record: VmRecord = {
@@ -151,20 +151,25 @@ async function connectWithRetry(socketPath: string, check: () => Error | undefin
   }
 }
 
-async function waitRunning(qmp: QmpClient, check: () => Error | undefined, timeoutMs: number): Promise<void> {
+async function waitLoaded(
+  qmp: QmpClient,
+  check: () => Error | undefined,
+  timeoutMs: number,
+  resume: boolean,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const dead = check();
     if (dead) throw dead;
     const status = await qmp.execute('query-status');
     if (status.status === 'running') return;
-    if (status.status === 'paused' || status.status === 'postmigrate') {
+    if (status.status === 'paused') {
       const info = await qmp.execute('query-migrate');
-      if (info.status === 'completed') return; // checkpoint of a paused VM stays paused
-    }
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'failed') {
-      throw new RestoreError('E_RESTORE', `QEMU could not load the checkpoint: ${info['error-desc'] ?? 'see qemu.log'}`);
+      if (info.status === 'completed') {
+        // A stop-mode stream records the VM as paused; it was running when checkpointed.
+        if (resume) await qmp.execute('cont');
+        return;
+      }
     }
     if (Date.now() > deadline) throw new RestoreError('E_RESTORE', `Guest not running ${timeoutMs} ms after start`);
     await sleep(2);

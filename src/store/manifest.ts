@@ -70,6 +70,11 @@ export interface Manifest {
   configSha256: string;
   device: { file: string; bytes: number; sha256: string; sections: number; runstate?: string };
   metrics: StageMetrics;
+  /**
+   * Whether the VM was running when the checkpoint was taken. A stop-mode stream records the
+   * VM as paused (tlc stopped it to save it); restore resumes it when this is true.
+   */
+  vmWasRunning: boolean;
   /** Workload progress the guest reported just before the checkpoint, for humans and tests. */
   guestHeartbeatSeqBefore?: number;
   checksum?: string;

@@ -87,7 +87,8 @@ export class PageTable {
       const segBase = base % SEGMENT_BYTES;
       if (scratch.compare(seg, segBase, segBase + len, 0, len) === 0) continue;
       for (let at = 0; at < len; at += this.pageSize) {
-        if (scratch.compare(seg, segBase + at, segBase + at + this.pageSize, at, at + this.pageSize) === 0) continue;
+        if (scratch.compare(seg, segBase + at, segBase + at + this.pageSize, at, at + this.pageSize) === 0)
+          continue;
         scratch.copy(seg, segBase + at, at, at + this.pageSize);
         this.markDirty(base + at);
         differing++;

@@ -105,7 +105,9 @@ export class CheckpointReceiver implements StreamSink {
     }
     this.socket = socket;
     // Debug aid: TLC_STREAM_TEE=<file> keeps a copy of the raw stream for offline analysis.
-    const tee = process.env.TLC_STREAM_TEE ? fs.openSync(process.env.TLC_STREAM_TEE, 'w', PRIVATE_FILE_MODE) : -1;
+    const tee = process.env.TLC_STREAM_TEE
+      ? fs.openSync(process.env.TLC_STREAM_TEE, 'w', PRIVATE_FILE_MODE)
+      : -1;
     if (tee >= 0) socket.once('close', () => fs.closeSync(tee));
     socket.on('data', (chunk: Buffer) => {
       if (tee >= 0) fs.writeSync(tee, chunk);
@@ -126,7 +128,9 @@ export class CheckpointReceiver implements StreamSink {
         this.settle.reject(err);
       }
     });
-    socket.on('error', (err) => this.settle.reject(new CheckpointError(`Migration connection failed: ${err.message}`, { cause: err })));
+    socket.on('error', (err) =>
+      this.settle.reject(new CheckpointError(`Migration connection failed: ${err.message}`, { cause: err })),
+    );
   }
 
   /** Stops listening and drops the connection (a failed or cancelled checkpoint). */
@@ -328,5 +332,7 @@ function countDataPages(data: Buffer): number {
 }
 
 export function describeReceiveError(err: unknown): TlcError {
-  return err instanceof TlcError ? err : new CheckpointError(`Checkpoint stream failed: ${errorText(err)}`, { cause: err });
+  return err instanceof TlcError
+    ? err
+    : new CheckpointError(`Checkpoint stream failed: ${errorText(err)}`, { cause: err });
 }

@@ -33,7 +33,11 @@ export function stageMetrics(m: StageMarks, bytesStored: number, qemuDowntimeMs?
     const pass1 = m.firstPassDone ?? m.stopped ?? end;
     const stop = m.stopped ?? end;
     stage1 = { ms: pass1.t - active.t, bytes: pass1.bytes - active.bytes };
-    stage2 = { iterations: Math.max(0, m.passes - 2), ms: Math.max(0, stop.t - pass1.t), bytes: Math.max(0, stop.bytes - pass1.bytes) };
+    stage2 = {
+      iterations: Math.max(0, m.passes - 2),
+      ms: Math.max(0, stop.t - pass1.t),
+      bytes: Math.max(0, stop.bytes - pass1.bytes),
+    };
     stage3 = { ms: end.t - stop.t, bytes: end.bytes - stop.bytes, downtimeMs };
   } else {
     // cow: the VM pauses only at the start; stop: it is paused throughout. One pass either way.

@@ -67,7 +67,9 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   const status = await qmp.execute('query-status');
   if (status.status !== 'running' && status.status !== 'paused') {
     qmp.close();
-    throw new CheckpointError(`VM "${opts.vm}" is ${status.status}; a checkpoint needs a running or paused VM`);
+    throw new CheckpointError(
+      `VM "${opts.vm}" is ${status.status}; a checkpoint needs a running or paused VM`,
+    );
   }
   const wasRunning = status.running;
   const id = store.newId(record.spec.name);
@@ -79,7 +81,10 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   // QEMU 7.2's TCG dirty tracking loses writes made through TLB entries that stay hot across a
   // bitmap sync, so a TCG pre-copy stream can hold stale pages. tlc compares against the stopped
   // guest's own RAM before resuming it, which needs RAM it can read.
-  const guestRam = mode === 'live' && record.spec.accel === 'tcg' && record.process ? GuestRam.open(record.process, record.spec) : undefined;
+  const guestRam =
+    mode === 'live' && record.spec.accel === 'tcg' && record.process
+      ? GuestRam.open(record.process, record.spec)
+      : undefined;
   if (mode === 'live' && record.spec.accel === 'tcg' && !guestRam) {
     qmp.close();
     store.discard(staging);
@@ -94,22 +99,26 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   const now = (): number => performance.now() - t0;
   const marks: StageMarks = { mode, passes: 0 };
   let resumed: Promise<void> | undefined;
-  const receiver = new CheckpointReceiver(staging, {
-    onStreamComplete: (bytes) => {
-      marks.streamDone = { t: now(), bytes };
-      if (guestRam) {
-        const started = performance.now();
-        const pages = receiver.reconcileRam((buf, offset, len) => guestRam.read(buf, offset, len));
-        tcgFixup = { pages, ms: performance.now() - started };
-      }
-      if (wasRunning && mode !== 'cow') {
-        resumed = resume(qmp).then(() => {
-          marks.resumed ??= { t: now() };
-        });
-        resumed.catch(() => undefined);
-      }
+  const receiver = new CheckpointReceiver(
+    staging,
+    {
+      onStreamComplete: (bytes) => {
+        marks.streamDone = { t: now(), bytes };
+        if (guestRam) {
+          const started = performance.now();
+          const pages = receiver.reconcileRam((buf, offset, len) => guestRam.read(buf, offset, len));
+          tcgFixup = { pages, ms: performance.now() - started };
+        }
+        if (wasRunning && mode !== 'cow') {
+          resumed = resume(qmp).then(() => {
+            marks.resumed ??= { t: now() };
+          });
+          resumed.catch(() => undefined);
+        }
+      },
     },
-  }, { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024 });
+    { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024 },
+  );
 
   const onEvent = (ev: QmpEvent): void => {
     const bytes = receiver.bytesReceived;
@@ -120,7 +129,9 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       marks.passes = Number(ev.data?.pass ?? marks.passes);
       if (marks.passes === 2 && mode === 'live') {
         marks.firstPassDone = { t: now(), bytes };
-        stage(`stage 1 (full memory pass): ${(now() - (marks.active?.t ?? 0)).toFixed(0)} ms, ${bytes} bytes`);
+        stage(
+          `stage 1 (full memory pass): ${(now() - (marks.active?.t ?? 0)).toFixed(0)} ms, ${bytes} bytes`,
+        );
       }
     } else if (ev.event === 'STOP' && !marks.stopped) {
       marks.stopped = { t: now(), bytes };
@@ -162,7 +173,12 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       `stage 3 (VM stopped): ${marks.streamDone && marks.stopped ? marks.streamDone.bytes - marks.stopped.bytes : 0} bytes, ` +
         `downtime ${marks.stopped && marks.resumed ? (marks.resumed.t - marks.stopped.t).toFixed(1) : '?'} ms`,
     );
-    opts.onProgress?.({ stage: 'persisting', elapsedMs: now(), bytesReceived: receiver.bytesReceived, passes: marks.passes });
+    opts.onProgress?.({
+      stage: 'persisting',
+      elapsedMs: now(),
+      bytesReceived: receiver.bytesReceived,
+      passes: marks.passes,
+    });
     const received = await receiver.persist();
     const info = await finalInfo(qmp);
     const manifest: Manifest = {
@@ -180,7 +196,10 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       configSha256: received.configSha256,
       device: received.device,
       vmWasRunning: wasRunning,
-      metrics: { ...stageMetrics(marks, received.bytesStored, info.downtime), ...(tcgFixup ? { tcgFixup } : {}) },
+      metrics: {
+        ...stageMetrics(marks, received.bytesStored, info.downtime),
+        ...(tcgFixup ? { tcgFixup } : {}),
+      },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
     marks.durable = { t: now() };
@@ -195,7 +214,9 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     if (migrating) await qmp.execute('migrate_cancel').catch(() => undefined);
     if (wasRunning && !qmp.closed) await resume(qmp).catch(() => undefined);
     store.discard(staging);
-    throw err instanceof TlcError ? err : new CheckpointError(`Checkpoint of "${opts.vm}" failed: ${errorText(err)}`, { cause: err });
+    throw err instanceof TlcError
+      ? err
+      : new CheckpointError(`Checkpoint of "${opts.vm}" failed: ${errorText(err)}`, { cause: err });
   } finally {
     qmp.off('event', onEvent);
     qmp.close();
@@ -225,22 +246,35 @@ async function superviseMigration(
     if (streamError) throw streamError;
     const info = await qmp.execute('query-migrate');
     if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new CheckpointError(`QEMU reports migration ${info.status}: ${info['error-desc'] ?? 'no reason given'}`);
+      throw new CheckpointError(
+        `QEMU reports migration ${info.status}: ${info['error-desc'] ?? 'no reason given'}`,
+      );
     }
     opts.onProgress?.({
-      stage: !marks.active ? 'setup' : marks.stopped && mode === 'live' ? 'stage3' : marks.firstPassDone ? 'stage2' : 'stage1',
+      stage: !marks.active
+        ? 'setup'
+        : marks.stopped && mode === 'live'
+          ? 'stage3'
+          : marks.firstPassDone
+            ? 'stage2'
+            : 'stage1',
       elapsedMs: now(),
       bytesReceived: receiver.bytesReceived,
       passes: marks.passes,
-      ...(info.ram ? { dirtyPagesRate: info.ram['dirty-pages-rate'], remainingBytes: info.ram.remaining } : {}),
-      ...(info['cpu-throttle-percentage'] !== undefined ? { throttlePct: info['cpu-throttle-percentage'] } : {}),
+      ...(info.ram
+        ? { dirtyPagesRate: info.ram['dirty-pages-rate'], remainingBytes: info.ram.remaining }
+        : {}),
+      ...(info['cpu-throttle-percentage'] !== undefined
+        ? { throttlePct: info['cpu-throttle-percentage'] }
+        : {}),
     });
     if (mode === 'live' && !forced && opts.deadlineMs !== undefined && now() >= opts.deadlineMs) {
       forced = true;
       opts.onStage?.(`deadline ${opts.deadlineMs} ms reached: forcing the switchover`);
       await qmp.execute('migrate-set-parameters', { 'downtime-limit': FORCE_SWITCHOVER_DOWNTIME_MS });
     }
-    if (now() > timeoutMs) throw new CheckpointError(`Checkpoint did not finish within ${timeoutMs} ms; cancelled`);
+    if (now() > timeoutMs)
+      throw new CheckpointError(`Checkpoint did not finish within ${timeoutMs} ms; cancelled`);
     await Promise.race([receiver.streamDone.catch(() => undefined), sleep(POLL_MS)]);
   }
 }

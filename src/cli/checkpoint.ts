@@ -29,10 +29,17 @@ export function printStages(m: Manifest, print: (line: string) => void): void {
   print(`checkpoint ${m.id} (${m.mode}) of VM ${m.vm.name}`);
   print(`  setup time          ${formatMs(x.setupMs)}`);
   print(`  stage 1 (full pass) ${formatMs(x.stage1.ms)}, ${formatBytes(x.stage1.bytes)}`);
-  print(`  stage 2 (dirty)     ${x.stage2.iterations} iterations, ${formatMs(x.stage2.ms)}, ${formatBytes(x.stage2.bytes)}`);
-  print(`  stage 3 (stopped)   ${formatBytes(x.stage3.bytes)}, downtime ${x.stage3.downtimeMs.toFixed(1)} ms` +
-    (x.qemuDowntimeMs !== undefined ? ` (QEMU reports ${x.qemuDowntimeMs} ms)` : ''));
-  if (x.tcgFixup) print(`  TCG fix-up          ${x.tcgFixup.pages} stale pages replaced from guest RAM in ${formatMs(x.tcgFixup.ms)}`);
+  print(
+    `  stage 2 (dirty)     ${x.stage2.iterations} iterations, ${formatMs(x.stage2.ms)}, ${formatBytes(x.stage2.bytes)}`,
+  );
+  print(
+    `  stage 3 (stopped)   ${formatBytes(x.stage3.bytes)}, downtime ${x.stage3.downtimeMs.toFixed(1)} ms` +
+      (x.qemuDowntimeMs !== undefined ? ` (QEMU reports ${x.qemuDowntimeMs} ms)` : ''),
+  );
+  if (x.tcgFixup)
+    print(
+      `  TCG fix-up          ${x.tcgFixup.pages} stale pages replaced from guest RAM in ${formatMs(x.tcgFixup.ms)}`,
+    );
   print(`  total time          ${formatMs(x.totalMs)}`);
   print(`  durable after       ${formatMs(x.durableMs)}`);
   print(`  received ${formatBytes(x.bytesReceived)}, stored ${formatBytes(x.bytesStored)}`);
@@ -43,7 +50,11 @@ export function registerCheckpointCommands(program: Command): void {
     .command('checkpoint')
     .description('take a checkpoint of a running VM while it keeps running')
     .argument('<vm>', 'VM name')
-    .option('--mode <live|cow|stop>', 'live: pre-copy; cow: background snapshot (state at start); stop: stop, save, continue', 'live')
+    .option(
+      '--mode <live|cow|stop>',
+      'live: pre-copy; cow: background snapshot (state at start); stop: stop, save, continue',
+      'live',
+    )
     .option('--max-downtime <duration>', 'downtime the VM may be stopped at the end (live mode)', '300ms')
     .option('--deadline <duration>', 'live mode: force the final switchover after this long')
     .option('--timeout <duration>', 'give up (the VM keeps running) after this long', '10m')
@@ -107,9 +118,16 @@ export function registerCheckpointCommands(program: Command): void {
       const out = (line: string): void => void process.stdout.write(line + '\n');
       printStages(c.manifest, out);
       out(`  directory           ${c.dir}`);
-      out(`  QEMU ${c.manifest.qemuVersion}, machine ${c.manifest.machineType}, ${c.manifest.vm.memMiB} MiB, ${c.manifest.vm.cpus} vCPU`);
-      for (const b of c.manifest.blocks) out(`  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages`);
-      out(`  device state        ${formatBytes(c.manifest.device.bytes)} in ${c.manifest.device.sections} sections`);
+      out(
+        `  QEMU ${c.manifest.qemuVersion}, machine ${c.manifest.machineType}, ${c.manifest.vm.memMiB} MiB, ${c.manifest.vm.cpus} vCPU`,
+      );
+      for (const b of c.manifest.blocks)
+        out(
+          `  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages`,
+        );
+      out(
+        `  device state        ${formatBytes(c.manifest.device.bytes)} in ${c.manifest.device.sections} sections`,
+      );
     });
 
   program

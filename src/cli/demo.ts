@@ -42,16 +42,27 @@ export function registerDemoCommand(program: Command): void {
       });
       note(`   first heartbeat after ${formatMs(started.bootMs)}; letting it run 2 s`);
       const before = await observeGuest(started.record.paths.consoleLog, 2000);
-      note(`   guest at heartbeat ${before.heartbeats.at(-1)?.seq}, ${before.corruptions.length} corruptions`);
+      note(
+        `   guest at heartbeat ${before.heartbeats.at(-1)?.seq}, ${before.corruptions.length} corruptions`,
+      );
 
       note('2. live checkpoint while the guest keeps running');
       const progress = new ProgressLine();
-      const ckpt = await takeCheckpoint({ vm: DEMO_VM, mode: 'live', store, deadlineMs: 10_000, onProgress: progress.update, onStage: progress.line });
+      const ckpt = await takeCheckpoint({
+        vm: DEMO_VM,
+        mode: 'live',
+        store,
+        deadlineMs: 10_000,
+        onProgress: progress.update,
+        onStage: progress.line,
+      });
       progress.done();
       printStages(ckpt.manifest, note);
       const seqAtCheckpoint = ckpt.manifest.guestHeartbeatSeqBefore;
       await observeGuest(started.record.paths.consoleLog, 1000);
-      note(`   guest went on to heartbeat ${lastHeartbeatSeq(started.record.paths.consoleLog)} after the checkpoint`);
+      note(
+        `   guest went on to heartbeat ${lastHeartbeatSeq(started.record.paths.consoleLog)} after the checkpoint`,
+      );
 
       note(`3. killing VM ${DEMO_VM} (SIGKILL, as a host failure would)`);
       await killVm(DEMO_VM);
@@ -64,12 +75,16 @@ export function registerDemoCommand(program: Command): void {
       const after = await observeGuest(restored.record.paths.consoleLog, 5000);
       const first = after.heartbeats[0];
       const last = after.heartbeats.at(-1);
-      note(`   heartbeats ${first?.seq} .. ${last?.seq} (checkpoint taken at ${seqAtCheckpoint}), ` +
-        `${after.boots} reboots, ${after.corruptions.length} corrupt pages`);
+      note(
+        `   heartbeats ${first?.seq} .. ${last?.seq} (checkpoint taken at ${seqAtCheckpoint}), ` +
+          `${after.boots} reboots, ${after.corruptions.length} corrupt pages`,
+      );
       const problems = continuationProblems(after, seqAtCheckpoint);
       if (!o.keep) await stopVm(DEMO_VM, { force: true });
       if (problems.length > 0) throw new TlcError('E_RESTORE', `demo failed: ${problems.join('; ')}`);
-      note(`OK: the restored guest continued from heartbeat ${first?.seq} with every page it touched verified.`);
+      note(
+        `OK: the restored guest continued from heartbeat ${first?.seq} with every page it touched verified.`,
+      );
       if (o.keep) note(`   VM ${DEMO_VM} keeps running: tlc vm console ${DEMO_VM} --follow`);
     });
 }

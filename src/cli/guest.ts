@@ -6,7 +6,7 @@ export function registerGuestCommands(program: Command): void {
   const guest = program.command('guest').description('the bundled test guest');
   guest
     .command('build')
-    .description("build the guest (Debian cloud kernel, busybox initramfs, static workloads); cached")
+    .description('build the guest (Debian cloud kernel, busybox initramfs, static workloads); cached')
     .option('--dir <path>', 'cache directory', defaultGuestCacheDir())
     .option('--force', 'rebuild even if cached')
     .option('--json', 'print the result as JSON')

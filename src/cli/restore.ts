@@ -11,11 +11,11 @@ export function registerRestoreCommand(program: Command): void {
     .command('restore')
     .description('start a VM again from a checkpoint; the guest continues where it was')
     .argument('<checkpoint>', 'id, unique id prefix, or VM name (its newest checkpoint)')
-    .option('--name <name>', 'name of the restored VM (default: the checkpointed VM\'s name)')
+    .option('--name <name>', "name of the restored VM (default: the checkpointed VM's name)")
     .option('--eager', 'stream every page into QEMU instead of mapping the RAM image copy-on-write')
     .option('--verify', 're-hash the whole checkpoint before starting')
-    .option('--accel <tcg|kvm>', 'accelerator (default: the checkpointed VM\'s)')
-    .option('--wait-heartbeat', 'return only after the restored guest\'s first heartbeat')
+    .option('--accel <tcg|kvm>', "accelerator (default: the checkpointed VM's)")
+    .option('--wait-heartbeat', "return only after the restored guest's first heartbeat")
     .option('--timeout <duration>', 'how long to wait for the guest', '60s')
     .option('--store <dir>', 'checkpoint store directory')
     .option('--json', 'print the result as JSON')
@@ -39,10 +39,15 @@ export function registerRestoreCommand(program: Command): void {
         checkpoint: restored.checkpoint.id,
         mode: restored.mode,
         timeToRunningMs: Math.round(restored.timeToRunningMs * 10) / 10,
-        ...(restored.timeToHeartbeatMs !== undefined ? { timeToHeartbeatMs: Math.round(restored.timeToHeartbeatMs) } : {}),
+        ...(restored.timeToHeartbeatMs !== undefined
+          ? { timeToHeartbeatMs: Math.round(restored.timeToHeartbeatMs) }
+          : {}),
         streamBytes: restored.stream.bytesWritten,
       };
       if (o.json) printJson(result);
-      else note(`VM ${result.name} restored from ${result.checkpoint} (${result.mode}): running after ${formatMs(result.timeToRunningMs)}`);
+      else
+        note(
+          `VM ${result.name} restored from ${result.checkpoint} (${result.mode}): running after ${formatMs(result.timeToRunningMs)}`,
+        );
     });
 }

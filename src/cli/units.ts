@@ -5,12 +5,14 @@ const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, min:
 /** Parses `500ms`, `5s`, `1.5s`, `2m` into milliseconds. Flags carry their unit. */
 export function parseDuration(value: string, flag: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|min)$/.exec(value.trim());
-  if (!m?.[1] || !m[2]) throw new UsageError(`${flag} needs a duration with a unit, e.g. 5s or 300ms (got "${value}")`);
+  if (!m?.[1] || !m[2])
+    throw new UsageError(`${flag} needs a duration with a unit, e.g. 5s or 300ms (got "${value}")`);
   return Number(m[1]) * (DURATION_UNITS[m[2]] ?? 1);
 }
 
 export function parsePositiveInt(value: string, flag: string): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n <= 0) throw new UsageError(`${flag} needs a positive integer (got "${value}")`);
+  if (!Number.isInteger(n) || n <= 0)
+    throw new UsageError(`${flag} needs a positive integer (got "${value}")`);
   return n;
 }

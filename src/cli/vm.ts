@@ -22,12 +22,20 @@ export function registerVmCommands(program: Command): void {
     .requiredOption('--name <name>', 'VM name')
     .option('--mem <MiB>', 'guest RAM in MiB', '256')
     .option('--cpus <n>', 'vCPUs', '1')
-    .option('--workload <spec>', 'guest workload: memverify:<MiB>[:<rate>], dirty:<MiB>:<pattern>, idle', 'idle')
-    .option('--accel <tcg|kvm|auto>', 'accelerator; auto uses KVM only if a bounded probe boots a guest', 'tcg')
+    .option(
+      '--workload <spec>',
+      'guest workload: memverify:<MiB>[:<rate>], dirty:<MiB>:<pattern>, idle',
+      'idle',
+    )
+    .option(
+      '--accel <tcg|kvm|auto>',
+      'accelerator; auto uses KVM only if a bounded probe boots a guest',
+      'tcg',
+    )
     .option('--machine <type>', 'QEMU machine type', 'pc')
     .option('--kernel <path>', 'guest kernel (default: the bundled guest)')
     .option('--initrd <path>', 'guest initrd')
-    .option('--append <line>', 'kernel command line (default: the bundled guest\'s)')
+    .option('--append <line>', "kernel command line (default: the bundled guest's)")
     .option('--boot-timeout <duration>', 'how long to wait for the first heartbeat', '120s')
     .option('--json', 'print the result as JSON')
     .action(async (o: JsonFlag & Record<string, string>) => {
@@ -45,20 +53,25 @@ export function registerVmCommands(program: Command): void {
         log: note,
       });
       const status = await vmStatus(started.record);
-      if (o.json) printJson({ ...status, bootMs: Math.round(started.bootMs), accelReason: started.accel.reason });
-      else note(`VM ${status.name} running (pid ${status.pid}, ${status.accel}), first heartbeat after ${formatMs(started.bootMs)}`);
+      if (o.json)
+        printJson({ ...status, bootMs: Math.round(started.bootMs), accelReason: started.accel.reason });
+      else
+        note(
+          `VM ${status.name} running (pid ${status.pid}, ${status.accel}), first heartbeat after ${formatMs(started.bootMs)}`,
+        );
     });
 
   vm.command('attach')
     .description('adopt a QEMU that tlc did not start, by its QMP socket')
     .requiredOption('--name <name>', 'name to give the VM in tlc')
-    .requiredOption('--qmp <path>', 'the QEMU\'s QMP unix socket')
+    .requiredOption('--qmp <path>', "the QEMU's QMP unix socket")
     .option('--json', 'print the result as JSON')
     .action(async (o: JsonFlag & { name: string; qmp: string }) => {
       const record = await attachVm(o.name, o.qmp);
       const status = await vmStatus(record);
       if (o.json) printJson({ ...status, argv: record.spec.adoptedArgv });
-      else note(`Adopted QEMU pid ${status.pid} as "${status.name}" (${status.machine}, ${status.memMiB} MiB)`);
+      else
+        note(`Adopted QEMU pid ${status.pid} as "${status.name}" (${status.machine}, ${status.memMiB} MiB)`);
     });
 
   vm.command('ls')
@@ -130,7 +143,8 @@ export function registerVmCommands(program: Command): void {
     .argument('<name>')
     .action((name: string) => {
       const record = loadVm(name);
-      if (vmState(record) === 'running') throw new TlcError('E_VM_EXISTS', `VM "${name}" is running; stop it first`);
+      if (vmState(record) === 'running')
+        throw new TlcError('E_VM_EXISTS', `VM "${name}" is running; stop it first`);
       removeVm(name);
     });
 }

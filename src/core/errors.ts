@@ -51,12 +51,7 @@ export class GuestBuildError extends TlcError {
 export class VmError extends TlcError {}
 
 export type QmpErrorCode =
-  | 'E_QMP_CONNECT'
-  | 'E_QMP_GREETING'
-  | 'E_QMP_NEGOTIATE'
-  | 'E_QMP_EXECUTE'
-  | 'E_QMP_TIMEOUT'
-  | 'E_QMP_CLOSED';
+  'E_QMP_CONNECT' | 'E_QMP_GREETING' | 'E_QMP_NEGOTIATE' | 'E_QMP_EXECUTE' | 'E_QMP_TIMEOUT' | 'E_QMP_CLOSED';
 
 export class QmpError extends TlcError {
   /** QEMU's error class (`GenericError`, `CommandNotFound`, ...) when QEMU answered with an error. */

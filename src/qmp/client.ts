@@ -49,9 +49,13 @@ export class QmpClient extends EventEmitter {
     try {
       await client.greeting(timeoutMs);
       await client.execute('qmp_capabilities', undefined, { timeoutMs }).catch((err: unknown) => {
-        throw new QmpError('E_QMP_NEGOTIATE', `QMP at ${path}: capabilities negotiation failed: ${errorText(err)}`, {
-          cause: err,
-        });
+        throw new QmpError(
+          'E_QMP_NEGOTIATE',
+          `QMP at ${path}: capabilities negotiation failed: ${errorText(err)}`,
+          {
+            cause: err,
+          },
+        );
       });
       return client;
     } catch (err) {
@@ -73,7 +77,8 @@ export class QmpClient extends EventEmitter {
         seen += chunk;
         const nl = seen.indexOf('\n');
         if (nl < 0) {
-          if (seen.length > MAX_LINE_BYTES) fail(new QmpError('E_QMP_GREETING', `${this.path} is not a QMP socket`));
+          if (seen.length > MAX_LINE_BYTES)
+            fail(new QmpError('E_QMP_GREETING', `${this.path} is not a QMP socket`));
           return;
         }
         const line = seen.slice(0, nl);
@@ -98,9 +103,13 @@ export class QmpClient extends EventEmitter {
         if (err instanceof QmpError) fail(err);
         else
           fail(
-            new QmpError('E_QMP_CONNECT', `Cannot connect to QMP socket ${this.path}: ${code ?? err.message}`, {
-              cause: err,
-            }),
+            new QmpError(
+              'E_QMP_CONNECT',
+              `Cannot connect to QMP socket ${this.path}: ${code ?? err.message}`,
+              {
+                cause: err,
+              },
+            ),
           );
       };
       const onEnd = (): void =>
@@ -133,7 +142,9 @@ export class QmpClient extends EventEmitter {
       if (line) this.onLine(line);
     }
     if (this.lineBuf.length > MAX_LINE_BYTES) {
-      this.socket.destroy(new QmpError('E_QMP_EXECUTE', `QMP line from ${this.path} exceeds ${MAX_LINE_BYTES} bytes`));
+      this.socket.destroy(
+        new QmpError('E_QMP_EXECUTE', `QMP line from ${this.path} exceeds ${MAX_LINE_BYTES} bytes`),
+      );
     }
   }
 
@@ -169,7 +180,9 @@ export class QmpClient extends EventEmitter {
     this.closedError = new QmpError('E_QMP_CLOSED', `QMP connection to ${this.path} closed (QEMU exited?)`);
     for (const [id, p] of this.pending) {
       clearTimeout(p.timer);
-      p.reject(new QmpError('E_QMP_CLOSED', `QMP ${p.command}: connection closed before a reply (QEMU exited?)`));
+      p.reject(
+        new QmpError('E_QMP_CLOSED', `QMP ${p.command}: connection closed before a reply (QEMU exited?)`),
+      );
       this.pending.delete(id);
     }
     this.emit('close');

@@ -8,18 +8,29 @@ import type { QemuBinary } from '../vm/qemu.js';
  * tied to the exact QEMU version and machine type, and the RAM block list must match.
  * Returns the problems as one-line messages (empty when compatible).
  */
-export function compatibilityProblems(m: Manifest, qemu: QemuBinary, knownMachines: readonly string[]): string[] {
+export function compatibilityProblems(
+  m: Manifest,
+  qemu: QemuBinary,
+  knownMachines: readonly string[],
+): string[] {
   const problems: string[] = [];
   if (m.qemuVersion !== qemu.version) {
-    problems.push(`checkpoint was taken with QEMU ${m.qemuVersion}, but ${qemu.binary} is QEMU ${qemu.version}`);
+    problems.push(
+      `checkpoint was taken with QEMU ${m.qemuVersion}, but ${qemu.binary} is QEMU ${qemu.version}`,
+    );
   }
   if (!knownMachines.includes(m.machineType)) {
     problems.push(`machine type ${m.machineType} is not available in ${qemu.binary}`);
   }
   const ram = m.blocks.find((b) => b.name === RAM_BACKEND_ID);
-  if (!ram) problems.push(`checkpoint has no ${RAM_BACKEND_ID} RAM block (guest RAM must be a memory backend named ${RAM_BACKEND_ID})`);
+  if (!ram)
+    problems.push(
+      `checkpoint has no ${RAM_BACKEND_ID} RAM block (guest RAM must be a memory backend named ${RAM_BACKEND_ID})`,
+    );
   else if (ram.usedLength !== m.vm.memMiB * 1024 * 1024) {
-    problems.push(`RAM block ${RAM_BACKEND_ID} is ${ram.usedLength} bytes but the VM spec says ${m.vm.memMiB} MiB`);
+    problems.push(
+      `RAM block ${RAM_BACKEND_ID} is ${ram.usedLength} bytes but the VM spec says ${m.vm.memMiB} MiB`,
+    );
   }
   return problems;
 }

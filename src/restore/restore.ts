@@ -58,7 +58,9 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const m = ckpt.manifest;
   const mode = opts.eager ? 'eager' : 'lazy';
   assertVerified(verifyCheckpoint(ckpt, Boolean(opts.verify)));
-  const qemu = await findQemu(m.vm.qemu.binary && fs.existsSync(m.vm.qemu.binary) ? m.vm.qemu.binary : undefined);
+  const qemu = await findQemu(
+    m.vm.qemu.binary && fs.existsSync(m.vm.qemu.binary) ? m.vm.qemu.binary : undefined,
+  );
   assertCompatible(m, qemu, await listMachines(qemu.binary));
   const name = validateVmName(opts.name ?? m.vm.name);
   claimVmName(name);
@@ -71,7 +73,10 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     qemu,
     machine: m.machineType,
     accel: opts.accel ?? m.vm.accel,
-    memory: mode === 'lazy' ? { kind: 'file', path: path.join(ckpt.dir, ramBlock.file), share: false } : { kind: 'memfd' },
+    memory:
+      mode === 'lazy'
+        ? { kind: 'file', path: path.join(ckpt.dir, ramBlock.file), share: false }
+        : { kind: 'memfd' },
   };
   const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-restore-'));
   fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
@@ -100,7 +105,11 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
       await new ConsoleTail(paths.consoleLog).waitFor(isHeartbeatLine, {
         timeoutMs: opts.timeoutMs ?? 60_000,
         check,
-        onTimeout: () => new RestoreError('E_RESTORE', `Restored guest printed no heartbeat within ${opts.timeoutMs ?? 60_000} ms`),
+        onTimeout: () =>
+          new RestoreError(
+            'E_RESTORE',
+            `Restored guest printed no heartbeat within ${opts.timeoutMs ?? 60_000} ms`,
+          ),
       });
       result.timeToHeartbeatMs = performance.now() - launched.spawnedAt;
     }
@@ -108,7 +117,9 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   } catch (err) {
     kill(launched.process);
     await waitExit(launched.process, 3000);
-    throw err instanceof TlcError ? err : new RestoreError('E_RESTORE', `Restore of ${ckpt.id} failed: ${errorText(err)}`, { cause: err });
+    throw err instanceof TlcError
+      ? err
+      : new RestoreError('E_RESTORE', `Restore of ${ckpt.id} failed: ${errorText(err)}`, { cause: err });
   } finally {
     qmp.close();
     fs.rmSync(socketDir, { recursive: true, force: true });
@@ -124,8 +135,9 @@ async function feedStream(
   const socket = await connectWithRetry(socketPath, check);
   try {
     const stats = await synthesizeStream(ckpt, mode, async (chunk) => {
-      if (!socket.write(chunk)) await Promise.race([once(socket, 'drain'), once(socket, 'close')]);
-      if (socket.destroyed) throw check() ?? new RestoreError('E_RESTORE', 'QEMU closed the incoming connection');
+      if (!socket.write(chunk)) await drainOrClose(socket);
+      if (socket.destroyed)
+        throw check() ?? new RestoreError('E_RESTORE', 'QEMU closed the incoming connection');
     });
     socket.end();
     return stats;
@@ -133,6 +145,18 @@ async function feedStream(
     socket.destroy();
     throw err;
   }
+}
+
+function drainOrClose(socket: net.Socket): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      socket.off('drain', done);
+      socket.off('close', done);
+      resolve();
+    };
+    socket.on('drain', done);
+    socket.on('close', done);
+  });
 }
 
 async function connectWithRetry(socketPath: string, check: () => Error | undefined): Promise<net.Socket> {
@@ -145,7 +169,8 @@ async function connectWithRetry(socketPath: string, check: () => Error | undefin
       socket.on('error', () => undefined);
       return socket;
     } catch (err) {
-      if (attempt > 500) throw new RestoreError('E_RESTORE', `QEMU never listened on ${socketPath}: ${errorText(err)}`);
+      if (attempt > 500)
+        throw new RestoreError('E_RESTORE', `QEMU never listened on ${socketPath}: ${errorText(err)}`);
       await sleep(5);
     }
   }
@@ -171,7 +196,8 @@ async function waitLoaded(
         return;
       }
     }
-    if (Date.now() > deadline) throw new RestoreError('E_RESTORE', `Guest not running ${timeoutMs} ms after start`);
+    if (Date.now() > deadline)
+      throw new RestoreError('E_RESTORE', `Guest not running ${timeoutMs} ms after start`);
     await sleep(2);
   }
 }

@@ -113,7 +113,10 @@ export function openManifest(text: string, where: string): Manifest {
     );
   }
   if (m.checksum !== sha256Hex(canonicalBody(m))) {
-    throw new TlcError('E_CORRUPT', `${where}: manifest checksum mismatch (the file was modified or damaged)`);
+    throw new TlcError(
+      'E_CORRUPT',
+      `${where}: manifest checksum mismatch (the file was modified or damaged)`,
+    );
   }
   return m;
 }

@@ -104,7 +104,8 @@ export class CheckpointStore {
     const byVm = opts.byVmName ? all.filter((c) => c.manifest.vm.name === ref) : [];
     const newest = byVm.at(-1);
     if (newest) return newest;
-    if (byPrefix.length > 1) throw new TlcError('E_USAGE', `"${ref}" matches ${byPrefix.length} checkpoints; give more of the id`);
+    if (byPrefix.length > 1)
+      throw new TlcError('E_USAGE', `"${ref}" matches ${byPrefix.length} checkpoints; give more of the id`);
     throw new TlcError('E_NOT_FOUND', `No checkpoint "${ref}" in ${this.dir} (see: tlc ls)`);
   }
 

@@ -45,7 +45,11 @@ export function verifyImage(imageFile: string, sumsFile: string, length: number)
   const sums = fs.readFileSync(sumsFile);
   if (sums.toString('latin1', 0, 8) !== SUMS_MAGIC) throw new TlcError('E_CORRUPT', `${sumsFile}: bad magic`);
   const count = sums.readUInt32BE(12);
-  if (sums.readUInt32BE(8) !== SUMS_CHUNK_BYTES || count !== chunkCount(length) || sums.length !== HEADER_BYTES + count * HASH_BYTES) {
+  if (
+    sums.readUInt32BE(8) !== SUMS_CHUNK_BYTES ||
+    count !== chunkCount(length) ||
+    sums.length !== HEADER_BYTES + count * HASH_BYTES
+  ) {
     throw new TlcError('E_CORRUPT', `${sumsFile}: does not describe a ${length}-byte image`);
   }
   const size = fs.statSync(imageFile).size;

@@ -54,7 +54,9 @@ export function verifyCheckpoint(ckpt: StoredCheckpoint, full: boolean): VerifyR
     try {
       for (const chunk of verifyImage(image, path.join(ckpt.dir, block.sumsFile), block.usedLength)) {
         const from = chunk * SUMS_CHUNK_BYTES;
-        problems.push(`${block.file} (${block.name}): bytes ${from}-${from + SUMS_CHUNK_BYTES - 1} do not match their checksum`);
+        problems.push(
+          `${block.file} (${block.name}): bytes ${from}-${from + SUMS_CHUNK_BYTES - 1} do not match their checksum`,
+        );
       }
       bytesChecked += block.usedLength;
     } catch (err) {
@@ -66,6 +68,9 @@ export function verifyCheckpoint(ckpt: StoredCheckpoint, full: boolean): VerifyR
 
 export function assertVerified(report: VerifyReport): void {
   if (!report.ok) {
-    throw new TlcError('E_CORRUPT', `Checkpoint ${report.id} is damaged: ${report.problems.slice(0, 3).join('; ')}`);
+    throw new TlcError(
+      'E_CORRUPT',
+      `Checkpoint ${report.id} is damaged: ${report.problems.slice(0, 3).join('; ')}`,
+    );
   }
 }

@@ -78,7 +78,11 @@ export async function chooseAccel(request: AccelRequest, guest: KvmProbeGuest): 
   fs.writeFileSync(cacheFile, JSON.stringify({ key, works }), { mode: PRIVATE_FILE_MODE });
   return works
     ? { accel: 'kvm', reason: `KVM probe booted a guest in ${probeMs} ms`, probeMs }
-    : { accel: 'tcg', reason: `KVM guest did not boot within ${KVM_PROBE_TIMEOUT_MS} ms; using TCG`, probeMs };
+    : {
+        accel: 'tcg',
+        reason: `KVM guest did not boot within ${KVM_PROBE_TIMEOUT_MS} ms; using TCG`,
+        probeMs,
+      };
 }
 
 export async function probeKvm(guest: KvmProbeGuest, timeoutMs: number): Promise<boolean> {
@@ -87,9 +91,26 @@ export async function probeKvm(guest: KvmProbeGuest, timeoutMs: number): Promise
   const child = spawn(
     guest.qemuBinary,
     [
-      '-machine', 'pc,accel=kvm', '-m', '64M', '-smp', '1', '-nodefaults', '-no-user-config',
-      '-display', 'none', '-chardev', `file,id=ser0,path=${consoleLog}`, '-serial', 'chardev:ser0',
-      '-kernel', guest.kernel, '-initrd', guest.initrd, '-append', guest.append,
+      '-machine',
+      'pc,accel=kvm',
+      '-m',
+      '64M',
+      '-smp',
+      '1',
+      '-nodefaults',
+      '-no-user-config',
+      '-display',
+      'none',
+      '-chardev',
+      `file,id=ser0,path=${consoleLog}`,
+      '-serial',
+      'chardev:ser0',
+      '-kernel',
+      guest.kernel,
+      '-initrd',
+      guest.initrd,
+      '-append',
+      guest.append,
     ],
     { stdio: 'ignore' },
   );

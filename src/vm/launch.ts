@@ -53,22 +53,33 @@ export async function launchQemu(
   const id = pid === undefined ? undefined : identify(pid);
   if (!id) {
     const err = await Promise.race([spawnError, sleep(200).then(() => undefined)]);
-    throw new VmError('E_VM_START', `Cannot start ${spec.qemu.binary}: ${err ? errorText(err) : qemuLogTail(opts.logFile)}`);
+    throw new VmError(
+      'E_VM_START',
+      `Cannot start ${spec.qemu.binary}: ${err ? errorText(err) : qemuLogTail(opts.logFile)}`,
+    );
   }
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (!isAlive(id)) {
-      throw new VmError('E_VM_START', `QEMU exited during start: ${qemuLogTail(opts.logFile) || 'no message'}`);
+      throw new VmError(
+        'E_VM_START',
+        `QEMU exited during start: ${qemuLogTail(opts.logFile) || 'no message'}`,
+      );
     }
     if (fs.existsSync(launch.qmpSocket)) {
       try {
-        const qmp = await QmpClient.connect(launch.qmpSocket, { timeoutMs: Math.max(1000, deadline - Date.now()) });
+        const qmp = await QmpClient.connect(launch.qmpSocket, {
+          timeoutMs: Math.max(1000, deadline - Date.now()),
+        });
         return { process: id, qmp, qmpReadyMs: performance.now() - spawnedAt, spawnedAt };
       } catch (err) {
         const retryable = err instanceof QmpError && err.code === 'E_QMP_CONNECT';
         // A QEMU that closes QMP mid-handshake is usually exiting: report its own reason.
         if (!retryable && (await waitExit(id, 500))) {
-          throw new VmError('E_VM_START', `QEMU exited during start: ${qemuLogTail(opts.logFile) || 'no message'}`);
+          throw new VmError(
+            'E_VM_START',
+            `QEMU exited during start: ${qemuLogTail(opts.logFile) || 'no message'}`,
+          );
         }
         if (!retryable) {
           kill(id);
@@ -88,5 +99,7 @@ export async function launchQemu(
 /** Error to raise while waiting on a VM whose process may have died. */
 export function deathCheck(id: ProcessIdentity, logFile: string, what: string): () => TlcError | undefined {
   return () =>
-    isAlive(id) ? undefined : new VmError('E_VM_DIED', `QEMU exited ${what}: ${qemuLogTail(logFile) || 'no message'}`);
+    isAlive(id)
+      ? undefined
+      : new VmError('E_VM_DIED', `QEMU exited ${what}: ${qemuLogTail(logFile) || 'no message'}`);
 }

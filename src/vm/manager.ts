@@ -10,15 +10,7 @@ import { ConsoleTail } from './console.js';
 import { deathCheck, launchQemu } from './launch.js';
 import { identify, isAlive, kill, readCmdline, terminate, waitExit } from './process.js';
 import { findQemu, resolveMachine } from './qemu.js';
-import {
-  type VmRecord,
-  claimVmName,
-  loadVm,
-  runtimePaths,
-  saveVm,
-  vmDir,
-  vmState,
-} from './registry.js';
+import { type VmRecord, claimVmName, loadVm, runtimePaths, saveVm, vmDir, vmState } from './registry.js';
 import { type LaunchArgs, type MemoryBackend, type VmSpec, validateVmName } from './spec.js';
 
 export type Log = (line: string) => void;
@@ -62,19 +54,26 @@ export function qemuLogFile(name: string): string {
 export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
   const log = opts.log ?? quiet;
   const name = validateVmName(opts.name);
-  if (!Number.isInteger(opts.memMiB) || opts.memMiB < 16) throw new TlcError('E_USAGE', '--mem must be at least 16 (MiB)');
+  if (!Number.isInteger(opts.memMiB) || opts.memMiB < 16)
+    throw new TlcError('E_USAGE', '--mem must be at least 16 (MiB)');
   const workload = opts.workload ?? 'idle';
   parseWorkloadSpec(workload);
   const qemu = await findQemu();
   const machine = await resolveMachine(qemu.binary, opts.machine ?? 'pc');
-  for (const [flag, file] of [['--kernel', opts.kernel], ['--initrd', opts.initrd]] as const) {
+  for (const [flag, file] of [
+    ['--kernel', opts.kernel],
+    ['--initrd', opts.initrd],
+  ] as const) {
     if (file && !fs.existsSync(file)) throw new VmError('E_VM_START', `${flag} ${file}: no such file`);
   }
   let kernel = opts.kernel;
   let initrd = opts.initrd;
   if (!kernel && opts.memMiB < BUNDLED_GUEST_MIN_MIB) {
     // Below this the bundled kernel dies silently while unpacking its initramfs.
-    throw new TlcError('E_USAGE', `The bundled guest needs --mem ${BUNDLED_GUEST_MIN_MIB} or more (got ${opts.memMiB})`);
+    throw new TlcError(
+      'E_USAGE',
+      `The bundled guest needs --mem ${BUNDLED_GUEST_MIN_MIB} or more (got ${opts.memMiB})`,
+    );
   }
   if (!kernel) {
     const guest = await buildGuest({ cacheDir: defaultGuestCacheDir(), log });
@@ -139,7 +138,8 @@ export async function bootSpec(
     await new ConsoleTail(launch.consoleLog).waitFor(opts.ready ?? isHeartbeatLine, {
       timeoutMs: opts.timeoutMs,
       check: deathCheck(started.process, logFile, 'during boot'),
-      onTimeout: () => new VmError('E_VM_START', `No heartbeat from guest "${spec.name}" within ${opts.timeoutMs} ms`),
+      onTimeout: () =>
+        new VmError('E_VM_START', `No heartbeat from guest "${spec.name}" within ${opts.timeoutMs} ms`),
     });
   } catch (err) {
     kill(started.process);
@@ -165,7 +165,7 @@ export async function attachVm(name: string, qmpSocket: string): Promise<VmRecor
     const kvm = await qmp.execute('query-kvm');
     const machine = machineFromArgv(argv, machines);
     const ram = memdevs.find((m) => m.id === 'ram0') ?? memdevs[0];
-    const memMiB = ram ? ram.size / (1024 * 1024) : argvNumber(argv, '-m') ?? 128;
+    const memMiB = ram ? ram.size / (1024 * 1024) : (argvNumber(argv, '-m') ?? 128);
     claimVmName(name);
     const spec: VmSpec = {
       specVersion: 1,
@@ -207,7 +207,10 @@ function argvNumber(argv: string[], flag: string): number | undefined {
   return Number.isFinite(n) ? n : undefined;
 }
 
-function machineFromArgv(argv: string[], machines: { name: string; alias?: string; 'is-default'?: boolean }[]): string {
+function machineFromArgv(
+  argv: string[],
+  machines: { name: string; alias?: string; 'is-default'?: boolean }[],
+): string {
   const value = argvValue(argv, '-machine') ?? argvValue(argv, '-M');
   const requested = value
     ?.split(',')
@@ -332,7 +335,10 @@ export async function stopVm(name: string, opts: { force?: boolean } = {}): Prom
     if (await waitExit(id, 5000)) return { wasRunning: true };
   }
   if (record.adopted && !opts.force) {
-    throw new VmError('E_VM_DIED', `Adopted VM "${name}" (pid ${id.pid}) did not quit; use --force to kill it`);
+    throw new VmError(
+      'E_VM_DIED',
+      `Adopted VM "${name}" (pid ${id.pid}) did not quit; use --force to kill it`,
+    );
   }
   if (!(await terminate(id, 3000))) {
     throw new VmError('E_VM_DIED', `QEMU pid ${id.pid} of VM "${name}" did not exit after SIGKILL`);
@@ -345,8 +351,10 @@ export async function killVm(name: string): Promise<{ wasRunning: boolean }> {
   const record = loadVm(name);
   const id = record.process;
   if (!id || !isAlive(id)) return { wasRunning: false };
-  if (record.adopted) throw new VmError('E_USAGE', `VM "${name}" was adopted, not started by tlc; use tlc vm stop`);
+  if (record.adopted)
+    throw new VmError('E_USAGE', `VM "${name}" was adopted, not started by tlc; use tlc vm stop`);
   kill(id);
-  if (!(await waitExit(id, 5000))) throw new VmError('E_VM_DIED', `QEMU pid ${id.pid} did not exit after SIGKILL`);
+  if (!(await waitExit(id, 5000)))
+    throw new VmError('E_VM_DIED', `QEMU pid ${id.pid} did not exit after SIGKILL`);
   return { wasRunning: true };
 }

@@ -37,7 +37,8 @@ async function probe(binary: string): Promise<QemuBinary> {
     );
   }
   const match = /version (\d+\.\d+\.\d+)/.exec(stdout);
-  if (!match?.[1]) throw new TlcError('E_VM_START', `${binary} --version printed no version: ${stdout.trim()}`);
+  if (!match?.[1])
+    throw new TlcError('E_VM_START', `${binary} --version printed no version: ${stdout.trim()}`);
   return { binary, version: match[1] };
 }
 

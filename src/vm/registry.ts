@@ -47,7 +47,8 @@ export function loadVm(name: string): VmRecord {
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (err) {
-    if (isErrnoCode(err, 'ENOENT')) throw new TlcError('E_VM_NOT_FOUND', `No VM named "${name}" (see: tlc vm ls)`);
+    if (isErrnoCode(err, 'ENOENT'))
+      throw new TlcError('E_VM_NOT_FOUND', `No VM named "${name}" (see: tlc vm ls)`);
     throw err;
   }
   const record = JSON.parse(text) as VmRecord;
@@ -68,7 +69,10 @@ export function tryLoadVm(name: string): VmRecord | undefined {
 export function claimVmName(name: string): void {
   const existing = tryLoadVm(name);
   if (existing && vmState(existing) === 'running') {
-    throw new TlcError('E_VM_EXISTS', `A VM named "${name}" is already running (pid ${existing.process?.pid})`);
+    throw new TlcError(
+      'E_VM_EXISTS',
+      `A VM named "${name}" is already running (pid ${existing.process?.pid})`,
+    );
   }
   const dir = vmDir(name);
   fs.mkdirSync(dir, { recursive: true, mode: PRIVATE_DIR_MODE });

@@ -7,9 +7,7 @@ export type Accel = 'tcg' | 'kvm';
 
 /** Where guest RAM lives. A restore swaps this for the checkpoint's RAM image (`share: false`). */
 export type MemoryBackend =
-  | { kind: 'ram' }
-  | { kind: 'memfd' }
-  | { kind: 'file'; path: string; share: boolean };
+  { kind: 'ram' } | { kind: 'memfd' } | { kind: 'file'; path: string; share: boolean };
 
 /**
  * Everything needed to start the identical machine again. Saved as JSON beside the VM and copied

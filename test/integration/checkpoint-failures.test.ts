@@ -88,7 +88,8 @@ describe('checkpoints under failure and bad input', () => {
     // Without --verify, the guest itself finds the damage on the page we changed.
     const restored = await restoreCheckpoint({ ref: ckpt.id, store, name: 'flip-r' });
     let scan = await observeGuest(restored.record.paths.consoleLog, 1000);
-    for (let i = 0; i < 20 && scan.corruptions.length === 0; i++) scan = await observeGuest(restored.record.paths.consoleLog, 500);
+    for (let i = 0; i < 20 && scan.corruptions.length === 0; i++)
+      scan = await observeGuest(restored.record.paths.consoleLog, 500);
     await stopVm('flip-r', { force: true });
     assert.equal(scan.corruptions[0]?.page, pageIndex, 'memverify names the damaged page');
   });
@@ -120,7 +121,10 @@ describe('checkpoints under failure and bad input', () => {
     const before = listedIds();
 
     // tlc dies: the VM must survive (QEMU's migration fails, the guest keeps running).
-    const child = spawn(process.execPath, [TLC_BIN, 'checkpoint', 'crash', '--mode', 'live'], { stdio: 'ignore', env: process.env });
+    const child = spawn(process.execPath, [TLC_BIN, 'checkpoint', 'crash', '--mode', 'live'], {
+      stdio: 'ignore',
+      env: process.env,
+    });
     await sleep(400);
     child.kill('SIGKILL');
     await new Promise((r) => child.once('exit', r));

@@ -44,7 +44,10 @@ for (const mode of ['live', 'cow', 'stop'] as CheckpointMode[]) {
         await sleep(700);
       }
       assert.deepEqual(
-        store.list().filter((c) => c.manifest.vm.name === vmName).map((c) => c.id),
+        store
+          .list()
+          .filter((c) => c.manifest.vm.name === vmName)
+          .map((c) => c.id),
         ckpts.map((c) => c.id),
       );
       await killVm(vmName);
@@ -57,7 +60,8 @@ for (const mode of ['live', 'cow', 'stop'] as CheckpointMode[]) {
         problems.push(...both.flat());
       }
       assert.deepEqual(problems, []);
-      for (const ckpt of ckpts) assert.ok(verifyCheckpoint(ckpt, true).ok, 'restores leave the image unchanged');
+      for (const ckpt of ckpts)
+        assert.ok(verifyCheckpoint(ckpt, true).ok, 'restores leave the image unchanged');
     });
   });
 }

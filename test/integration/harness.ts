@@ -52,7 +52,10 @@ export interface CliResult {
 /** Runs the real CLI as a user would, with this file's TLC_HOME/TLC_STORE. */
 export async function tlc(args: string[], timeoutMs = 120_000): Promise<CliResult> {
   try {
-    const { stdout, stderr } = await run(process.execPath, [TLC_BIN, ...args], { timeout: timeoutMs, env: process.env });
+    const { stdout, stderr } = await run(process.execPath, [TLC_BIN, ...args], {
+      timeout: timeoutMs,
+      env: process.env,
+    });
     return { code: 0, stdout, stderr };
   } catch (err) {
     const e = err as { code?: number; stdout?: string; stderr?: string };

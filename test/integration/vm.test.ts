@@ -41,7 +41,11 @@ describe('VM lifecycle on a real TCG guest', () => {
     assert.equal(scan.boots, 1);
     assert.ok(scan.heartbeats.length >= 5, `only ${scan.heartbeats.length} heartbeats`);
     const seqs = scan.heartbeats.map((h) => h.seq);
-    assert.deepEqual(seqs, seqs.map((_, i) => i + 1), 'heartbeat seq counts up from 1');
+    assert.deepEqual(
+      seqs,
+      seqs.map((_, i) => i + 1),
+      'heartbeat seq counts up from 1',
+    );
     assert.equal(scan.corruptions.length, 0);
     const status = await vmStatus(loadVm('life'));
     assert.equal(status.state, 'running');
@@ -50,7 +54,7 @@ describe('VM lifecycle on a real TCG guest', () => {
     assert.equal(spec.machine, 'pc-i440fx-7.2');
     assert.equal(spec.memMiB, 128);
     assert.match(spec.qemu.version, /^\d+\.\d+\.\d+$/);
-    assert.equal((fs.statSync(started.record.paths.qmpSocket).mode & 0o077), 0, 'QMP socket is private');
+    assert.equal(fs.statSync(started.record.paths.qmpSocket).mode & 0o077, 0, 'QMP socket is private');
 
     const cli = await tlc(['vm', 'ls', '--json']);
     assert.equal(cli.code, 0);
@@ -67,7 +71,10 @@ describe('VM lifecycle on a real TCG guest', () => {
     await expectCode(startVm({ name: 'busy', memMiB: 96 }), 'E_VM_EXISTS');
     await expectCode(startVm({ name: 'nokernel', memMiB: 96, kernel: '/nonexistent/vmlinuz' }), 'E_VM_START');
     // Not a kernel: QEMU exits at once with its own message.
-    const err = await expectCode(startVm({ name: 'badkernel', memMiB: 96, kernel: '/etc/hostname' }), 'E_VM_START');
+    const err = await expectCode(
+      startVm({ name: 'badkernel', memMiB: 96, kernel: '/etc/hostname' }),
+      'E_VM_START',
+    );
     assert.match(err.message, /QEMU exited/);
     assert.equal(qemuPidsMentioning(home).length, before, 'no stray QEMU after failures');
     await stopVm('busy');
@@ -86,9 +93,25 @@ describe('VM lifecycle on a real TCG guest', () => {
     const consoleLog = path.join(dir, 'serial.log');
     const child = spawn(
       qemu.binary,
-      ['-machine', 'pc,accel=tcg', '-m', '96M', '-nodefaults', '-display', 'none', '-serial', `file:${consoleLog}`,
-        '-qmp', `unix:${qmpPath},server=on,wait=off`, '-kernel', guest.kernel, '-initrd', guest.initrd,
-        '-append', guestAppendLine('idle')],
+      [
+        '-machine',
+        'pc,accel=tcg',
+        '-m',
+        '96M',
+        '-nodefaults',
+        '-display',
+        'none',
+        '-serial',
+        `file:${consoleLog}`,
+        '-qmp',
+        `unix:${qmpPath},server=on,wait=off`,
+        '-kernel',
+        guest.kernel,
+        '-initrd',
+        guest.initrd,
+        '-append',
+        guestAppendLine('idle'),
+      ],
       { stdio: 'ignore' },
     );
     const id = identify(child.pid!)!;

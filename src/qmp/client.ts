@@ -43,12 +43,11 @@ export class QmpClient extends EventEmitter {
     const socket = net.createConnection({ path });
     socket.setEncoding('utf8');
     const client = new QmpClient(socket, path);
-    const deadline = setTimeout(() => {
-      socket.destroy(new QmpError('E_QMP_TIMEOUT', `QMP at ${path} did not greet within ${timeoutMs} ms`));
-    }, timeoutMs);
     try {
       await client.greeting(timeoutMs);
       await client.execute('qmp_capabilities', undefined, { timeoutMs }).catch((err: unknown) => {
+        // Timeouts and closed sockets keep their codes; a refusal by QEMU is a negotiation error.
+        if (err instanceof QmpError && err.code !== 'E_QMP_EXECUTE') throw err;
         throw new QmpError(
           'E_QMP_NEGOTIATE',
           `QMP at ${path}: capabilities negotiation failed: ${errorText(err)}`,
@@ -61,8 +60,6 @@ export class QmpClient extends EventEmitter {
     } catch (err) {
       socket.destroy();
       throw err;
-    } finally {
-      clearTimeout(deadline);
     }
   }
 
@@ -213,6 +210,8 @@ export class QmpClient extends EventEmitter {
 
   /** Events as an async iterator; ends when the connection closes. */
   async *events(signal?: AbortSignal): AsyncGenerator<QmpEvent> {
+    // A generator body starts at the first next(): the connection may have closed by then.
+    if (this.closed) return;
     const ac = new AbortController();
     const onClose = (): void => ac.abort();
     this.once('close', onClose);

@@ -1,0 +1,204 @@
+/**
+ * Core benchmark for the live checkpoint issue: receiver throughput against `exec:cat > /dev/null`,
+ * receiver memory, lazy restore time-to-running for a small and a large guest, and eager restore
+ * against `-incoming "exec:cat <file>"`. Everything side by side in one run on the same VMs.
+ *
+ *   npm run bench:core [-- --quick]
+ *
+ * Prints a table and writes bench/out/core-<timestamp>.json (stamped with git describe and host).
+ */
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { takeCheckpoint } from '../checkpoint/take.js';
+import { restoreCheckpoint } from '../restore/restore.js';
+import { CheckpointStore } from '../store/store.js';
+import { launchQemu } from '../vm/launch.js';
+import { connectVm, killVm, startVm, stopVm } from '../vm/manager.js';
+import { kill, waitExit } from '../vm/process.js';
+import { loadVm, runtimePaths } from '../vm/registry.js';
+
+const quick = process.argv.includes('--quick');
+const REPEATS = quick ? 1 : 3;
+const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-'));
+process.env.TLC_HOME = path.join(base, 'home');
+process.env.TLC_STORE = path.join(base, 'store');
+const store = new CheckpointStore();
+
+function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)] ?? NaN;
+}
+
+function spread(values: number[]): [number, number] {
+  return [Math.min(...values), Math.max(...values)];
+}
+
+/** QEMU migration into `uri` of a stopped VM; returns bytes/s as QEMU saw it. */
+async function qemuMigrate(
+  vm: string,
+  uri: string,
+): Promise<{ bytesPerSec: number; ms: number; bytes: number }> {
+  const { qmp } = await connectVm(vm);
+  try {
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [{ capability: 'background-snapshot', state: false }],
+    });
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 ** 4 });
+    await qmp.execute('stop');
+    await qmp.execute('migrate', { uri });
+    for (;;) {
+      const info = await qmp.execute('query-migrate');
+      if (info.status === 'completed' && (info['total-time'] ?? 0) > 0) {
+        const bytes = info.ram?.transferred ?? 0;
+        const ms = info['total-time'] ?? 1;
+        return { bytesPerSec: (bytes / ms) * 1000, ms, bytes };
+      }
+      if (info.status === 'failed') throw new Error(`migration failed: ${info['error-desc']}`);
+      await sleep(5);
+    }
+  } finally {
+    await qmp.execute('cont').catch(() => undefined);
+    qmp.close();
+  }
+}
+
+/** What QEMU reports about the migration it finished last (the one into tlc). */
+async function lastMigrationRate(vm: string): Promise<{ bytesPerSec: number; ms: number; bytes: number }> {
+  const { qmp } = await connectVm(vm);
+  try {
+    const info = await qmp.execute('query-migrate');
+    const bytes = info.ram?.transferred ?? 0;
+    const ms = info['total-time'] ?? 1;
+    return { bytesPerSec: (bytes / ms) * 1000, ms, bytes };
+  } finally {
+    qmp.close();
+  }
+}
+
+async function tlcStopCheckpoint(vm: string): Promise<{ bytesPerSec: number; peakRss: number; id: string }> {
+  let peakRss = process.memoryUsage().rss;
+  const sampler = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage().rss)), 20);
+  try {
+    const ckpt = await takeCheckpoint({ vm, mode: 'stop', store });
+    return { bytesPerSec: (await lastMigrationRate(vm)).bytesPerSec, peakRss, id: ckpt.id };
+  } finally {
+    clearInterval(sampler);
+  }
+}
+
+/** Plain QEMU restore from a stream file, for the eager baseline: spawn until running. */
+async function execCatRestore(vm: string, file: string, name: string): Promise<number> {
+  const spec = { ...loadVm(vm).spec, name };
+  const dir = path.join(base, 'home', 'vms', name);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const paths = { ...runtimePaths(name) };
+  const launched = await launchQemu(
+    spec,
+    { ...paths, incoming: `exec:cat ${file}` },
+    { logFile: path.join(dir, 'qemu.log') },
+  );
+  try {
+    for (;;) {
+      const s = await launched.qmp.execute('query-status');
+      if (s.status === 'running') return performance.now() - launched.spawnedAt;
+      await sleep(2);
+    }
+  } finally {
+    launched.qmp.close();
+    kill(launched.process);
+    await waitExit(launched.process, 3000);
+  }
+}
+
+async function main(): Promise<void> {
+  const results: Record<string, unknown> = {};
+  const sizes = quick ? [256, 1024] : [256, 2048];
+  const restore: Record<string, { lazyMs: number[]; eagerMs: number[]; execCatMs: number[] }> = {};
+  for (const mem of sizes) {
+    const vm = `bench-${mem}`;
+    const workMiB = Math.floor(mem / 2);
+    process.stderr.write(`booting ${vm} (${mem} MiB, memverify:${workMiB})\n`);
+    await startVm({
+      name: vm,
+      memMiB: mem,
+      workload: `memverify:${workMiB}`,
+      accel: 'tcg',
+      bootTimeoutMs: 180_000,
+    });
+    await sleep(1000);
+    const cat: number[] = [];
+    const tlc: number[] = [];
+    let peakRss = 0;
+    let lastId = '';
+    const streamFile = path.join(base, `plain-${mem}.qevm`);
+    for (let i = 0; i < REPEATS; i++) {
+      cat.push((await qemuMigrate(vm, 'exec:cat > /dev/null')).bytesPerSec);
+      const t = await tlcStopCheckpoint(vm);
+      tlc.push(t.bytesPerSec);
+      peakRss = Math.max(peakRss, t.peakRss);
+      lastId = t.id;
+    }
+    await qemuMigrate(vm, `exec:cat > ${streamFile}`);
+    results[`throughput-${mem}`] = {
+      execCatMiBps: median(cat) / 2 ** 20,
+      tlcMiBps: median(tlc) / 2 ** 20,
+      ratio: median(tlc) / median(cat),
+      spreadCat: spread(cat).map((v) => v / 2 ** 20),
+      spreadTlc: spread(tlc).map((v) => v / 2 ** 20),
+      peakRssMiB: peakRss / 2 ** 20,
+      guestMiB: mem,
+    };
+    await killVm(vm);
+    restore[mem] = { lazyMs: [], eagerMs: [], execCatMs: [] };
+    for (let i = 0; i < REPEATS; i++) {
+      const lazy = await restoreCheckpoint({ ref: lastId, store, name: `${vm}-lazy` });
+      restore[mem].lazyMs.push(lazy.timeToRunningMs);
+      await stopVm(`${vm}-lazy`, { force: true });
+      const eager = await restoreCheckpoint({ ref: lastId, store, name: `${vm}-eager`, eager: true });
+      restore[mem].eagerMs.push(eager.timeToRunningMs);
+      await stopVm(`${vm}-eager`, { force: true });
+      restore[mem].execCatMs.push(await execCatRestore(vm, streamFile, `${vm}-cat`));
+    }
+    fs.rmSync(streamFile, { force: true });
+  }
+  for (const [mem, r] of Object.entries(restore)) {
+    results[`restore-${mem}`] = {
+      lazyMs: median(r.lazyMs),
+      eagerMs: median(r.eagerMs),
+      execCatMs: median(r.execCatMs),
+      eagerVsExecCat: median(r.eagerMs) / median(r.execCatMs),
+      spreads: { lazy: spread(r.lazyMs), eager: spread(r.eagerMs), execCat: spread(r.execCatMs) },
+    };
+  }
+  const [small, large] = sizes.map((m) => (results[`restore-${m}`] as { lazyMs: number }).lazyMs);
+  results.lazyLargeVsSmall = (large ?? NaN) / (small ?? NaN);
+  const stamp = {
+    revision: execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim(),
+    host: os.hostname(),
+    cpus: os.cpus().length,
+    cpuModel: os.cpus()[0]?.model,
+    memGiB: Math.round(os.totalmem() / 2 ** 30),
+    date: new Date().toISOString(),
+    repeats: REPEATS,
+  };
+  const out = { stamp, results };
+  fs.mkdirSync('bench/out', { recursive: true });
+  const file = path.join('bench/out', `core-${stamp.date.replace(/[:.]/g, '-')}.json`);
+  fs.writeFileSync(file, JSON.stringify(out, null, 2) + '\n');
+  process.stdout.write(JSON.stringify(out, null, 2) + '\n');
+  process.stderr.write(`saved ${file}\n`);
+}
+
+try {
+  await main();
+} finally {
+  for (const entry of fs.existsSync(path.join(base, 'home', 'vms'))
+    ? fs.readdirSync(path.join(base, 'home', 'vms'))
+    : []) {
+    await stopVm(entry, { force: true }).catch(() => undefined);
+  }
+  fs.rmSync(base, { recursive: true, force: true });
+}

@@ -19,13 +19,27 @@ export interface StageMarks {
   streamDone?: { t: number; bytes: number };
   /** VM running again (RESUME event or `cont` reply). */
   resumed?: { t: number };
+  /** QEMU's own timestamps (ms since the epoch) of the STOP and RESUME events: the downtime. */
+  stopTs?: number;
+  resumeTs?: number;
   durable?: { t: number };
 }
 
-export function stageMetrics(m: StageMarks, bytesStored: number, qemuDowntimeMs?: number): StageMetrics {
+/** `qemu`: what query-migrate reported at completion (downtime; bytes sent while stopped). */
+export function stageMetrics(
+  m: StageMarks,
+  bytesStored: number,
+  qemu: { downtimeMs?: number; downtimeBytes?: number } = {},
+): StageMetrics {
+  const qemuDowntimeMs = qemu.downtimeMs;
   const end = m.streamDone ?? { t: 0, bytes: 0 };
   const active = m.active ?? { t: 0, bytes: 0 };
-  const downtimeMs = m.stopped && m.resumed ? Math.max(0, m.resumed.t - m.stopped.t) : 0;
+  const downtimeMs =
+    m.stopTs !== undefined && m.resumeTs !== undefined && m.resumeTs >= m.stopTs
+      ? m.resumeTs - m.stopTs
+      : m.stopped && m.resumed
+        ? Math.max(0, m.resumed.t - m.stopped.t)
+        : 0;
   let stage1: StageMetrics['stage1'];
   let stage2: StageMetrics['stage2'];
   let stage3: StageMetrics['stage3'];
@@ -38,7 +52,7 @@ export function stageMetrics(m: StageMarks, bytesStored: number, qemuDowntimeMs?
       ms: Math.max(0, stop.t - pass1.t),
       bytes: Math.max(0, stop.bytes - pass1.bytes),
     };
-    stage3 = { ms: end.t - stop.t, bytes: end.bytes - stop.bytes, downtimeMs };
+    stage3 = { ms: end.t - stop.t, bytes: qemu.downtimeBytes ?? end.bytes - stop.bytes, downtimeMs };
   } else {
     // cow: the VM pauses only at the start; stop: it is paused throughout. One pass either way.
     stage1 = { ms: end.t - active.t, bytes: end.bytes - active.bytes };

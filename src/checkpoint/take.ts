@@ -133,10 +133,12 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
           `stage 1 (full memory pass): ${(now() - (marks.active?.t ?? 0)).toFixed(0)} ms, ${bytes} bytes`,
         );
       }
-    } else if (ev.event === 'STOP' && !marks.stopped) {
-      marks.stopped = { t: now(), bytes };
-    } else if (ev.event === 'RESUME' && marks.stopped && !marks.resumed) {
-      marks.resumed = { t: now() };
+    } else if (ev.event === 'STOP' && marks.stopTs === undefined) {
+      marks.stopped ??= { t: now(), bytes };
+      marks.stopTs = eventTime(ev);
+    } else if (ev.event === 'RESUME' && marks.stopTs !== undefined && marks.resumeTs === undefined) {
+      marks.resumed ??= { t: now() };
+      marks.resumeTs = eventTime(ev);
     }
   };
   qmp.on('event', onEvent);
@@ -169,10 +171,6 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     await superviseMigration(qmp, receiver, marks, now, opts, mode);
     migrating = false;
     if (resumed) await resumed;
-    stage(
-      `stage 3 (VM stopped): ${marks.streamDone && marks.stopped ? marks.streamDone.bytes - marks.stopped.bytes : 0} bytes, ` +
-        `downtime ${marks.stopped && marks.resumed ? (marks.resumed.t - marks.stopped.t).toFixed(1) : '?'} ms`,
-    );
     opts.onProgress?.({
       stage: 'persisting',
       elapsedMs: now(),
@@ -181,6 +179,10 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     });
     const received = await receiver.persist();
     const info = await finalInfo(qmp);
+    if (mode === 'cow' && marks.resumeTs === undefined) {
+      // background-snapshot restarts the VM itself; wait briefly for its RESUME event.
+      await qmp.waitEvent('RESUME', 1000).catch(() => undefined);
+    }
     const manifest: Manifest = {
       magic: MANIFEST_MAGIC,
       formatVersion: [MANIFEST_FORMAT_MAJOR, MANIFEST_FORMAT_MINOR],
@@ -197,7 +199,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       device: received.device,
       vmWasRunning: wasRunning,
       metrics: {
-        ...stageMetrics(marks, received.bytesStored, info.downtime),
+        ...stageMetrics(marks, received.bytesStored, info),
         ...(tcgFixup ? { tcgFixup } : {}),
       },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
@@ -207,6 +209,10 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest), 0o600);
     const dir = store.publish(staging, id);
     manifest.metrics.durableMs = now();
+    const x = manifest.metrics;
+    stage(
+      `stage 3 (VM stopped): ${(x.stage3.bytes / 2 ** 20).toFixed(1)} MiB, downtime ${x.stage3.downtimeMs.toFixed(1)} ms`,
+    );
     stage(`durable after ${manifest.metrics.durableMs.toFixed(0)} ms: ${dir}`);
     return { id, dir, manifest };
   } catch (err) {
@@ -292,13 +298,20 @@ async function resume(qmp: QmpClient): Promise<void> {
   }
 }
 
+function eventTime(ev: QmpEvent): number {
+  return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();
+}
+
 /** QEMU fills `downtime` a moment after `completed` (reference pitfall 12): re-query briefly. */
-async function finalInfo(qmp: QmpClient): Promise<{ downtime?: number }> {
+async function finalInfo(qmp: QmpClient): Promise<{ downtimeMs?: number; downtimeBytes?: number }> {
   let info: MigrationInfo = {};
   for (let i = 0; i < 20; i++) {
     info = await qmp.execute('query-migrate');
     if (info.status === 'completed' && (info.downtime ?? 0) > 0) break;
     await sleep(25);
   }
-  return info.downtime !== undefined ? { downtime: info.downtime } : {};
+  return {
+    ...(info.downtime !== undefined ? { downtimeMs: info.downtime } : {}),
+    ...(info.ram?.['downtime-bytes'] !== undefined ? { downtimeBytes: info.ram['downtime-bytes'] } : {}),
+  };
 }

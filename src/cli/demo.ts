@@ -68,7 +68,7 @@ export function registerDemoCommand(program: Command): void {
       await killVm(DEMO_VM);
 
       note(`4. restoring ${ckpt.id} lazily (RAM image mapped copy-on-write)`);
-      const restored = await restoreCheckpoint({ ref: ckpt.id, store, name: DEMO_VM, log: note });
+      const restored = await restoreCheckpoint({ ref: ckpt.id, store, name: DEMO_VM });
       note(`   guest running again ${formatMs(restored.timeToRunningMs)} after QEMU started`);
 
       note('5. watching the restored guest for 5 s');

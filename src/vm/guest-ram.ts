@@ -35,6 +35,10 @@ export class GuestRam {
       const start = parseInt(m[1], 16);
       const end = parseInt(m[2], 16);
       if (parseInt(m[3] ?? '1', 16) !== 0 || end - start < length || !wanted(m[4])) continue;
+      // A memfd is read fastest through its own descriptor (page cache, offset 0 = guest RAM
+      // offset 0); a private file mapping's copied-on-write pages only through /proc/<pid>/mem.
+      const memfd = spec.memory.kind === 'memfd' ? findMemfd(id.pid) : undefined;
+      if (memfd) return new GuestRam(fs.openSync(memfd, 'r'), 0, length);
       const fd = fs.openSync(`/proc/${id.pid}/mem`, 'r');
       return new GuestRam(fd, start, length);
     }
@@ -54,4 +58,22 @@ export class GuestRam {
   close(): void {
     fs.closeSync(this.fd);
   }
+}
+
+function findMemfd(pid: number): string | undefined {
+  let fds: string[];
+  try {
+    fds = fs.readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return undefined;
+  }
+  for (const fd of fds) {
+    try {
+      if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('/memfd:memory-backend-memfd'))
+        return `/proc/${pid}/fd/${fd}`;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return undefined;
 }

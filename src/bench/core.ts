@@ -7,12 +7,11 @@
  *
  * Prints a table and writes bench/out/core-<timestamp>.json (stamped with git describe and host).
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { takeCheckpoint } from '../checkpoint/take.js';
 import { restoreCheckpoint } from '../restore/restore.js';
 import { CheckpointStore } from '../store/store.js';
 import { launchQemu } from '../vm/launch.js';
@@ -21,6 +20,7 @@ import { kill, waitExit } from '../vm/process.js';
 import { loadVm, runtimePaths } from '../vm/registry.js';
 
 const quick = process.argv.includes('--quick');
+const TLC_BIN = path.resolve(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js');
 const REPEATS = quick ? 1 : 3;
 const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-'));
 process.env.TLC_HOME = path.join(base, 'home');
@@ -78,15 +78,31 @@ async function lastMigrationRate(vm: string): Promise<{ bytesPerSec: number; ms:
   }
 }
 
+/**
+ * A stop-mode checkpoint by the real CLI in its own process, so its peak memory (VmHWM: main
+ * thread, writer thread, page table) is the receiver's alone.
+ */
 async function tlcStopCheckpoint(vm: string): Promise<{ bytesPerSec: number; peakRss: number; id: string }> {
-  let peakRss = process.memoryUsage().rss;
-  const sampler = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage().rss)), 20);
-  try {
-    const ckpt = await takeCheckpoint({ vm, mode: 'stop', store });
-    return { bytesPerSec: (await lastMigrationRate(vm)).bytesPerSec, peakRss, id: ckpt.id };
-  } finally {
-    clearInterval(sampler);
-  }
+  const child = spawn(process.execPath, [TLC_BIN, 'checkpoint', vm, '--mode', 'stop', '--json'], {
+    stdio: ['ignore', 'pipe', 'ignore'],
+    env: process.env,
+  });
+  let stdout = '';
+  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+  let peakRss = 0;
+  const sampler = setInterval(() => {
+    try {
+      const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${child.pid}/status`, 'utf8'));
+      if (m?.[1]) peakRss = Math.max(peakRss, Number(m[1]) * 1024);
+    } catch {
+      // exited
+    }
+  }, 10);
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  clearInterval(sampler);
+  if (code !== 0) throw new Error(`tlc checkpoint exited with ${code}`);
+  const id = (JSON.parse(stdout) as { id: string }).id;
+  return { bytesPerSec: (await lastMigrationRate(vm)).bytesPerSec, peakRss, id };
 }
 
 /** Plain QEMU restore from a stream file, for the eager baseline: spawn until running. */
@@ -104,6 +120,10 @@ async function execCatRestore(vm: string, file: string, name: string): Promise<n
     for (;;) {
       const s = await launched.qmp.execute('query-status');
       if (s.status === 'running') return performance.now() - launched.spawnedAt;
+      // The file holds a stopped VM (saved like tlc's stop mode): resume it, as tlc's restore does.
+      if (s.status === 'paused' && (await launched.qmp.execute('query-migrate')).status === 'completed') {
+        await launched.qmp.execute('cont');
+      }
       await sleep(2);
     }
   } finally {

@@ -20,6 +20,7 @@ import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
 import { GuestRam } from '../vm/guest-ram.js';
 import { connectVm } from '../vm/manager.js';
+import { RAM_BACKEND_ID } from '../vm/spec.js';
 import { CheckpointReceiver } from './receiver.js';
 import { type StageMarks, stageMetrics } from './stages.js';
 
@@ -144,8 +145,13 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   qmp.on('event', onEvent);
 
   let migrating = false;
+  let warmUpMs = 0;
   try {
     await receiver.listen(socketPath);
+    warmUpMs = await receiver.warmUp(RAM_BACKEND_ID, record.spec.memMiB * 1024 * 1024);
+    stage(
+      `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
+    );
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },
@@ -200,6 +206,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       vmWasRunning: wasRunning,
       metrics: {
         ...stageMetrics(marks, received.bytesStored, info),
+        warmUpMs,
         ...(tcgFixup ? { tcgFixup } : {}),
       },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),

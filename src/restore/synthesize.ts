@@ -59,7 +59,7 @@ export async function synthesizeStream(
             if (!writer.zeroPage(index, base + at)) await writer.drain();
             stats.zeroPagesSent++;
           } else {
-            if (!writer.page(index, base + at, chunk.subarray(at, at + pageSize))) await writer.drain();
+            if (!writer.pageAt(index, base + at, chunk, at)) await writer.drain();
             stats.pagesSent++;
           }
         }

@@ -37,7 +37,9 @@ export interface ManifestBlock {
 }
 
 export interface StageMetrics {
+  /** Includes `warmUpMs`: faulting in the page table before QEMU starts sending. */
   setupMs: number;
+  warmUpMs?: number;
   stage1: { ms: number; bytes: number };
   stage2: { iterations: number; ms: number; bytes: number };
   stage3: { ms: number; bytes: number; downtimeMs: number };

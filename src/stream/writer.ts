@@ -187,8 +187,19 @@ export class MigrationStreamWriter {
   page(block: number, offset: number, data: Buffer): boolean {
     if (data.length !== this.tps)
       throw new StreamError(`page of ${data.length} bytes (page size ${this.tps})`, this.written);
+    return this.pageAt(block, offset, data, 0);
+  }
+
+  /** A PAGE record from `source` at `at` (one target page), without a view per page. */
+  pageAt(block: number, offset: number, source: Buffer, at: number): boolean {
+    if (at < 0 || at + this.tps > source.length) {
+      throw new StreamError(
+        `page source range ${at}+${this.tps} outside ${source.length} bytes`,
+        this.written,
+      );
+    }
     this.record(block, offset, RAM_SAVE_FLAG_PAGE, this.tps);
-    data.copy(this.buf, this.len);
+    source.copy(this.buf, this.len, at, at + this.tps);
     this.len += this.tps;
     this.written += this.tps;
     return this.ok();

@@ -16,7 +16,7 @@ import {
 } from '../stream/reader.js';
 import type { DeviceStateInfo } from '../stream/vmdesc.js';
 import { PageTable } from './page-table.js';
-import type { WriterReply } from './writer-worker.js';
+import type { WriterCommand, WriterInit, WriterReply } from './writer-worker.js';
 
 /** Blocks at least this large (and guest RAM `ram0` always) get a page table and a writer thread. */
 const LARGE_BLOCK_BYTES = 16 * 1024 * 1024;
@@ -58,7 +58,7 @@ export class CheckpointReceiver implements StreamSink {
   private socket: net.Socket | undefined;
   private blocks: readonly RamBlockInfo[] = [];
   private large: (LargeBlock | undefined)[] = [];
-  private warm: { name: string; table: PageTable } | undefined;
+  private warm: (LargeBlock & { name: string }) | undefined;
   private small: (Buffer | undefined)[] = [];
   private machineType = '';
   private configRaw: Buffer | undefined;
@@ -142,6 +142,7 @@ export class CheckpointReceiver implements StreamSink {
     this.socket?.destroy();
     this.settle.reject(reason);
     for (const block of this.large) void block?.worker.terminate();
+    void this.warm?.worker.terminate();
   }
 
   // ---- StreamSink: the hot path. No allocation per page. ----
@@ -179,28 +180,40 @@ export class CheckpointReceiver implements StreamSink {
         if ((i & WARM_UP_YIELD_MASK) === 0) await new Promise((r) => setImmediate(r));
       }
     }
-    this.warm = { name: ramBlockName, table };
+    this.warm = { name: ramBlockName, ...this.spawnWriter(table) };
     return performance.now() - started;
   }
 
-  private startWriter(block: RamBlockInfo, index: number): LargeBlock {
-    const warm =
-      this.warm?.name === block.name && this.warm.table.length === block.usedLength
-        ? this.warm.table
-        : undefined;
-    this.warm = undefined;
-    const table = warm ?? new PageTable(block.usedLength, TARGET_PAGE_SIZE);
+  /** A writer thread over `table`, idle until told which file to write. */
+  private spawnWriter(table: PageTable): LargeBlock {
     const worker = new Worker(new URL('./writer-worker.js', import.meta.url), {
-      workerData: { table: table.shared, imageFile: path.join(this.staging, imageName(index)) },
+      workerData: { table: table.shared } satisfies WriterInit,
     });
     const failure = new Promise<never>((_, reject) => {
       worker.on('message', (msg: WriterReply) => {
         if (msg.type === 'error') reject(new PersistError(msg.call, msg.path, new Error(msg.message)));
       });
-      worker.on('error', (err) => reject(new PersistError('write', imageName(index), err)));
+      worker.on('error', (err) => reject(new PersistError('write', 'RAM image', err)));
     });
     failure.catch((err: unknown) => this.abort(err instanceof Error ? err : new Error(String(err))));
     return { table, worker, failure };
+  }
+
+  private startWriter(block: RamBlockInfo, index: number): LargeBlock {
+    const warm = this.warm;
+    this.warm = undefined;
+    let writer: LargeBlock;
+    if (warm && warm.name === block.name && warm.table.length === block.usedLength) {
+      writer = warm;
+    } else {
+      if (warm) void warm.worker.terminate();
+      writer = this.spawnWriter(new PageTable(block.usedLength, TARGET_PAGE_SIZE));
+    }
+    writer.worker.postMessage({
+      type: 'open',
+      imageFile: path.join(this.staging, imageName(index)),
+    } satisfies WriterCommand);
+    return writer;
   }
 
   onPage(block: number, offset: number, page: Buffer): void {

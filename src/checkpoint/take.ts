@@ -131,7 +131,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       if (marks.passes === 2 && mode === 'live') {
         marks.firstPassDone = { t: now(), bytes };
         stage(
-          `stage 1 (full memory pass): ${(now() - (marks.active?.t ?? 0)).toFixed(0)} ms, ${bytes} bytes`,
+          `stage 1 (full memory pass): ${(now() - (marks.active?.t ?? 0)).toFixed(0)} ms, ${(bytes / 2 ** 20).toFixed(1)} MiB`,
         );
       }
     } else if (ev.event === 'STOP' && marks.stopTs === undefined) {

@@ -12,8 +12,10 @@ import { PageTable, SEGMENT_BYTES, type PageTableShared } from './page-table.js'
 
 export interface WriterInit {
   table: PageTableShared;
-  imageFile: string;
 }
+
+/** The writer starts idle (it may be spawned before the stream names its block) until `open`. */
+export type WriterCommand = { type: 'open'; imageFile: string } | { type: 'finish' };
 
 export type WriterReply =
   | { type: 'done'; sums: Uint8Array; dataPages: number; bytesWritten: number }
@@ -123,27 +125,32 @@ function fail(call: string, err: unknown): void {
   parentPort?.postMessage({
     type: 'error',
     call,
-    path: init.imageFile,
+    path: imageFile,
     message: err instanceof Error ? err.message : String(err),
   } satisfies WriterReply);
 }
 
-try {
-  fd = fs.openSync(init.imageFile, 'w', PRIVATE_FILE_MODE);
-  fs.ftruncateSync(fd, table.length);
-} catch (err) {
-  fail('create', err);
+let imageFile = '';
+
+function open(file: string): void {
+  imageFile = file;
+  try {
+    fd = fs.openSync(file, 'w', PRIVATE_FILE_MODE);
+    fs.ftruncateSync(fd, table.length);
+  } catch (err) {
+    fail('create', err);
+    return;
+  }
+  loop();
 }
 
-parentPort?.on('message', (msg: { type: 'finish' }) => {
+parentPort?.on('message', (msg: WriterCommand) => {
+  if (msg.type === 'open' && fd < 0) return open(msg.imageFile);
   if (msg.type !== 'finish' || finishing) return;
   finishing = true;
   try {
-    const reply = finish();
-    parentPort?.postMessage(reply);
+    parentPort?.postMessage(finish());
   } catch (err) {
     fail('finish', err);
   }
 });
-
-if (fd >= 0) loop();

@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { CheckpointError, PersistError, StreamError, TlcError, errorText } from '../core/errors.js';
@@ -21,6 +22,8 @@ import type { WriterCommand, WriterInit, WriterReply } from './writer-worker.js'
 /** Blocks at least this large (and guest RAM `ram0` always) get a page table and a writer thread. */
 const LARGE_BLOCK_BYTES = 16 * 1024 * 1024;
 const TARGET_PAGE_SIZE = 4096;
+/** QEMU's migration thread, a vCPU, the receiver and the writer each want a core. */
+const WRITE_WHILE_RECEIVING = os.availableParallelism() >= 4;
 /** Warm-up yields to the event loop every 64 MiB of pages. */
 const WARM_UP_YIELD_MASK = (64 * 1024 * 1024) / 4 - 1;
 
@@ -187,7 +190,7 @@ export class CheckpointReceiver implements StreamSink {
   /** A writer thread over `table`, idle until told which file to write. */
   private spawnWriter(table: PageTable): LargeBlock {
     const worker = new Worker(new URL('./writer-worker.js', import.meta.url), {
-      workerData: { table: table.shared } satisfies WriterInit,
+      workerData: { table: table.shared, writeWhileReceiving: WRITE_WHILE_RECEIVING } satisfies WriterInit,
     });
     const failure = new Promise<never>((_, reject) => {
       worker.on('message', (msg: WriterReply) => {

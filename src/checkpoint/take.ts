@@ -23,10 +23,16 @@ import { connectVm } from '../vm/manager.js';
 import { RAM_BACKEND_ID } from '../vm/spec.js';
 import { CheckpointReceiver } from './receiver.js';
 import { type StageMarks, stageMetrics } from './stages.js';
+import { type ControllerConfig, defaultDeadlineMs } from './controller.js';
+import { NO_THROTTLE_YET, TICK_MS, superviseMigration } from './supervise.js';
 
 /** QEMU's 128 MiB/s default cap makes live checkpoints of busy guests never end; the receiver is local. */
 const UNLIMITED_BANDWIDTH = 1024 * 1024 * 1024 * 1024;
 const DEFAULT_DOWNTIME_LIMIT_MS = 300;
+/** Rate assumed for a default deadline before any checkpoint of the VM measured one. */
+const NOMINAL_TRANSFER_BPS = 512 * 1024 * 1024;
+/** TCG fix-up cost per MiB of guest RAM, measured 0.3-0.9 ms; the planner assumes the high end. */
+const TCG_FIXUP_MS_PER_MIB = 1;
 /** QEMU's largest accepted downtime-limit: set at the deadline so the next iteration switches over. */
 const FORCE_SWITCHOVER_DOWNTIME_MS = 2_000_000;
 const POLL_MS = 200;
@@ -47,8 +53,13 @@ export interface CheckpointOptions {
   store?: CheckpointStore;
   /** Preferred stop time for live mode (QEMU's downtime-limit). */
   maxDowntimeMs?: number;
-  /** Live mode: force the switchover at this point so the checkpoint always ends. */
+  /**
+   * Live mode: the VM must run again this many ms after the checkpoint started. Default: derived
+   * from RAM size and a nominal transfer rate (see `defaultDeadlineMs`).
+   */
   deadlineMs?: number;
+  /** Cap QEMU's send rate (bytes/s); default unlimited. */
+  maxBandwidthBps?: number;
   /** Give up (cancel, VM keeps running) after this long. */
   timeoutMs?: number;
   onProgress?: (p: CheckpointProgress) => void;
@@ -144,6 +155,25 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
   };
   qmp.on('event', onEvent);
 
+  const maxDowntimeMs = opts.maxDowntimeMs ?? DEFAULT_DOWNTIME_LIMIT_MS;
+  const ramBytes = record.spec.memMiB * 1024 * 1024;
+  const deadlineMs =
+    opts.deadlineMs ?? defaultDeadlineMs(ramBytes, opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS);
+  const controller: ControllerConfig | undefined =
+    mode === 'live'
+      ? {
+          deadlineMs,
+          maxDowntimeMs,
+          fixedDowntimeMs: guestRam ? record.spec.memMiB * TCG_FIXUP_MS_PER_MIB : 20,
+          tickMs: TICK_MS,
+          ...(opts.maxBandwidthBps ? { stopRateBps: NOMINAL_TRANSFER_BPS } : {}),
+        }
+      : undefined;
+  if (controller) {
+    stage(
+      `deadline ${deadlineMs} ms${opts.deadlineMs === undefined ? ' (default: 3 passes over RAM at a nominal rate)' : ''}, preferred downtime ${maxDowntimeMs} ms`,
+    );
+  }
   let migrating = false;
   let warmUpMs = 0;
   try {
@@ -157,7 +187,8 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
         { capability: 'events', state: true },
         { capability: 'background-snapshot', state: mode === 'cow' },
         { capability: 'xbzrle', state: false },
-        { capability: 'auto-converge', state: false },
+        // Live mode: the controller lets QEMU's auto-converge throttle vCPUs, up to a cap it sets.
+        { capability: 'auto-converge', state: mode === 'live' },
         { capability: 'postcopy-ram', state: false },
         { capability: 'multifd', state: false },
         { capability: 'return-path', state: false },
@@ -165,8 +196,9 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       ],
     });
     await qmp.execute('migrate-set-parameters', {
-      'max-bandwidth': UNLIMITED_BANDWIDTH,
-      'downtime-limit': Math.round(opts.maxDowntimeMs ?? DEFAULT_DOWNTIME_LIMIT_MS),
+      'max-bandwidth': opts.maxBandwidthBps ?? UNLIMITED_BANDWIDTH,
+      'downtime-limit': Math.round(maxDowntimeMs),
+      ...NO_THROTTLE_YET,
     });
     if (mode === 'stop' && wasRunning) {
       await qmp.execute('stop');
@@ -174,9 +206,20 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     }
     await qmp.execute('migrate', { uri: `unix:${socketPath}` });
     migrating = true;
-    await superviseMigration(qmp, receiver, marks, now, opts, mode);
+    const control = await superviseMigration({
+      qmp,
+      receiver,
+      marks,
+      now,
+      mode,
+      timeoutMs: opts.timeoutMs ?? 10 * 60_000,
+      ...(controller ? { controller } : {}),
+      ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+      onStage: stage,
+    });
     migrating = false;
     if (resumed) await resumed;
+    if (control) control.metDeadline = (marks.resumed?.t ?? now()) <= control.deadlineMs;
     opts.onProgress?.({
       stage: 'persisting',
       elapsedMs: now(),
@@ -208,6 +251,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
         ...stageMetrics(marks, received.bytesStored, info),
         warmUpMs,
         ...(tcgFixup ? { tcgFixup } : {}),
+        ...(control ? { control } : {}),
       },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
@@ -235,60 +279,6 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     qmp.close();
     guestRam?.close();
     fs.rmSync(socketDir, { recursive: true, force: true });
-  }
-}
-
-/** Polls QEMU until the stream is in, enforcing the deadline and the timeout. */
-async function superviseMigration(
-  qmp: QmpClient,
-  receiver: CheckpointReceiver,
-  marks: StageMarks,
-  now: () => number,
-  opts: CheckpointOptions,
-  mode: CheckpointMode,
-): Promise<void> {
-  let forced = false;
-  let streamDone = false;
-  let streamError: unknown;
-  receiver.streamDone.then(
-    () => (streamDone = true),
-    (err: unknown) => (streamError = err),
-  );
-  const timeoutMs = opts.timeoutMs ?? 10 * 60_000;
-  while (!streamDone) {
-    if (streamError) throw streamError;
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new CheckpointError(
-        `QEMU reports migration ${info.status}: ${info['error-desc'] ?? 'no reason given'}`,
-      );
-    }
-    opts.onProgress?.({
-      stage: !marks.active
-        ? 'setup'
-        : marks.stopped && mode === 'live'
-          ? 'stage3'
-          : marks.firstPassDone
-            ? 'stage2'
-            : 'stage1',
-      elapsedMs: now(),
-      bytesReceived: receiver.bytesReceived,
-      passes: marks.passes,
-      ...(info.ram
-        ? { dirtyPagesRate: info.ram['dirty-pages-rate'], remainingBytes: info.ram.remaining }
-        : {}),
-      ...(info['cpu-throttle-percentage'] !== undefined
-        ? { throttlePct: info['cpu-throttle-percentage'] }
-        : {}),
-    });
-    if (mode === 'live' && !forced && opts.deadlineMs !== undefined && now() >= opts.deadlineMs) {
-      forced = true;
-      opts.onStage?.(`deadline ${opts.deadlineMs} ms reached: forcing the switchover`);
-      await qmp.execute('migrate-set-parameters', { 'downtime-limit': FORCE_SWITCHOVER_DOWNTIME_MS });
-    }
-    if (now() > timeoutMs)
-      throw new CheckpointError(`Checkpoint did not finish within ${timeoutMs} ms; cancelled`);
-    await Promise.race([receiver.streamDone.catch(() => undefined), sleep(POLL_MS)]);
   }
 }
 

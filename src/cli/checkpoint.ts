@@ -6,7 +6,7 @@ import { CheckpointStore } from '../store/store.js';
 import { assertVerified, verifyCheckpoint } from '../store/verify.js';
 import { formatBytes, formatMs, note, printJson, printTable } from './output.js';
 import { ProgressLine } from './progress.js';
-import { parseDuration } from './units.js';
+import { parseDuration, parseRate } from './units.js';
 
 interface StoreFlags {
   store?: string;
@@ -40,6 +40,15 @@ export function printStages(m: Manifest, print: (line: string) => void): void {
     print(
       `  TCG fix-up          ${x.tcgFixup.pages} stale pages replaced from guest RAM in ${formatMs(x.tcgFixup.ms)}`,
     );
+  if (x.control) {
+    const c = x.control;
+    print(
+      `  deadline            ${formatMs(c.deadlineMs)}, ${c.metDeadline ? 'met' : 'MISSED'}; max vCPU throttle ${c.maxThrottlePct}%` +
+        (c.forcedSwitchover
+          ? `; switchover forced at ${formatMs(c.forcedSwitchover.atMs)} (expected downtime ${c.forcedSwitchover.expectedDowntimeMs} ms, paid ${x.stage3.downtimeMs.toFixed(0)} ms)`
+          : '; QEMU converged on its own'),
+    );
+  }
   print(`  total time          ${formatMs(x.totalMs)}`);
   print(`  durable after       ${formatMs(x.durableMs)}`);
   print(`  received ${formatBytes(x.bytesReceived)}, stored ${formatBytes(x.bytesStored)}`);
@@ -56,7 +65,8 @@ export function registerCheckpointCommands(program: Command): void {
       'live',
     )
     .option('--max-downtime <duration>', 'downtime the VM may be stopped at the end (live mode)', '300ms')
-    .option('--deadline <duration>', 'live mode: force the final switchover after this long')
+    .option('--deadline <duration>', 'live mode: the VM runs again within this long (default: from RAM size)')
+    .option('--max-bandwidth <rate>', "cap QEMU's send rate, e.g. 64MiB/s (default: unlimited)")
     .option('--timeout <duration>', 'give up (the VM keeps running) after this long', '10m')
     .option('--store <dir>', STORE_HELP)
     .option('--json', 'print the manifest as JSON')
@@ -69,6 +79,7 @@ export function registerCheckpointCommands(program: Command): void {
           store: storeOf(o),
           maxDowntimeMs: parseDuration(o.maxDowntime as string, '--max-downtime'),
           ...(o.deadline ? { deadlineMs: parseDuration(o.deadline, '--deadline') } : {}),
+          ...(o.maxBandwidth ? { maxBandwidthBps: parseRate(o.maxBandwidth, '--max-bandwidth') } : {}),
           timeoutMs: parseDuration(o.timeout as string, '--timeout'),
           onProgress: progress.update,
           onStage: progress.line,

@@ -16,3 +16,18 @@ export function parsePositiveInt(value: string, flag: string): number {
     throw new UsageError(`${flag} needs a positive integer (got "${value}")`);
   return n;
 }
+
+const RATE_UNITS: Record<string, number> = {
+  'B/s': 1,
+  'KiB/s': 1024,
+  'MiB/s': 1024 ** 2,
+  'GiB/s': 1024 ** 3,
+};
+
+/** Parses `64MiB/s`, `1GiB/s` into bytes per second. */
+export function parseRate(value: string, flag: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(B\/s|KiB\/s|MiB\/s|GiB\/s)$/.exec(value.trim());
+  if (!m?.[1] || !m[2])
+    throw new UsageError(`${flag} needs a rate with a unit, e.g. 64MiB/s (got "${value}")`);
+  return Math.round(Number(m[1]) * (RATE_UNITS[m[2]] ?? 1));
+}

@@ -55,13 +55,13 @@ export type MigrationCapabilityName =
   | 'background-snapshot';
 
 export interface MigrationParameters {
+  'throttle-trigger-threshold'?: number;
   'max-bandwidth'?: number;
   'downtime-limit'?: number;
   'cpu-throttle-initial'?: number;
   'cpu-throttle-increment'?: number;
   'cpu-throttle-tailslow'?: boolean;
   'max-cpu-throttle'?: number;
-  'throttle-trigger-threshold'?: number;
 }
 
 export type RunState =

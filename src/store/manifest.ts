@@ -55,6 +55,18 @@ export interface StageMetrics {
    * writes through hot TLB entries) and that tlc took from the stopped guest's RAM instead.
    */
   tcgFixup?: { pages: number; ms: number };
+  /** Live mode: what the time-bound controller did. */
+  control?: ControlReport;
+}
+
+export interface ControlReport {
+  deadlineMs: number;
+  /** Highest vCPU throttle QEMU applied, percent. */
+  maxThrottlePct: number;
+  /** Set when the controller forced the switchover before QEMU converged on its own. */
+  forcedSwitchover?: { atMs: number; reason: string; expectedDowntimeMs: number };
+  /** Whether the VM ran again before the deadline. */
+  metDeadline: boolean;
 }
 
 export interface Manifest {

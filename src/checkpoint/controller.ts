@@ -65,7 +65,7 @@ export const MAX_THROTTLE_PCT = 99;
 const TARGET_DIRTY_SHARE = 0.7;
 /** A guest whose dirty rate is below this share of the transfer rate converges unaided. */
 const FITS_SHARE = 0.9;
-/** Switch over when the time left is below expected stop time × this, plus two ticks. */
+/** Switch over when the time left is below the expected send time × this, plus fixed costs and two ticks. */
 const SWITCHOVER_MARGIN = 1.5;
 
 export function expectedDowntimeMs(cfg: ControllerConfig, m: Measurement): number {
@@ -91,9 +91,12 @@ export function decide(
   if (state.switchedOver) return { state, decision: {} };
   const expected = expectedDowntimeMs(cfg, m);
   const timeLeft = cfg.deadlineMs - m.elapsedMs;
+  // The margin covers the uncertain part (sending the remaining set), not the fixed stop cost.
   const mustSwitch =
     timeLeft <= 2 * cfg.tickMs ||
-    (Number.isFinite(expected) && timeLeft <= expected * SWITCHOVER_MARGIN + 2 * cfg.tickMs);
+    (Number.isFinite(expected) &&
+      timeLeft <=
+        (expected - cfg.fixedDowntimeMs) * SWITCHOVER_MARGIN + cfg.fixedDowntimeMs + 2 * cfg.tickMs);
   if (mustSwitch && expected > cfg.maxDowntimeMs) {
     // QEMU switches over once the remaining set fits (its own rate estimate × downtime-limit).
     // The limit is only that threshold, not the stop time: the largest value makes the next

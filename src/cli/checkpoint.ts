@@ -17,9 +17,9 @@ function storeOf(o: StoreFlags): CheckpointStore {
   return new CheckpointStore(o.store);
 }
 
-function parseMode(value: string): CheckpointMode {
-  if (value === 'live' || value === 'cow' || value === 'stop') return value;
-  throw new UsageError(`--mode must be live, cow or stop (got "${value}")`);
+function parseMode(value: string): CheckpointMode | 'auto' {
+  if (value === 'live' || value === 'cow' || value === 'stop' || value === 'auto') return value;
+  throw new UsageError(`--mode must be live, cow, stop or auto (got "${value}")`);
 }
 
 const STORE_HELP = 'checkpoint store directory (default: $TLC_STORE or ~/.local/share/tlc/checkpoints)';
@@ -60,8 +60,8 @@ export function registerCheckpointCommands(program: Command): void {
     .description('take a checkpoint of a running VM while it keeps running')
     .argument('<vm>', 'VM name')
     .option(
-      '--mode <live|cow|stop>',
-      'live: pre-copy; cow: background snapshot (state at start); stop: stop, save, continue',
+      '--mode <live|cow|stop|auto>',
+      'live: pre-copy; cow: background snapshot (state at start); stop: stop, save, continue; auto: live or cow by dirty rate',
       'live',
     )
     .option('--max-downtime <duration>', 'downtime the VM may be stopped at the end (live mode)', '300ms')

@@ -112,6 +112,8 @@ export interface QmpCommands {
   migrate: [{ uri: string }, Record<string, never>];
   migrate_cancel: [undefined, Record<string, never>];
   'migrate-incoming': [{ uri: string }, Record<string, never>];
+  'calc-dirty-rate': [{ 'calc-time': number; 'sample-pages'?: number }, Record<string, never>];
+  'query-dirty-rate': [undefined, { status: 'unstarted' | 'measuring' | 'measured'; 'dirty-rate'?: number }];
   stop: [undefined, Record<string, never>];
   cont: [undefined, Record<string, never>];
   quit: [undefined, Record<string, never>];

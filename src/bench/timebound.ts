@@ -1,0 +1,222 @@
+/**
+ * Time-bound live checkpoint benchmark: tlc's deadline controller against stock QEMU pre-copy
+ * (default 128 MiB/s, 300 ms downtime limit) and QEMU with unlimited bandwidth, on one guest per
+ * workload, side by side in one run.
+ *
+ *   npm run bench:timebound [-- --quick]
+ *
+ * Per run: finished or not (baselines get a timeout), time to completion vs deadline, QEMU's
+ * downtime, tlc's downtime (QEMU event timestamps), the guest's longest stall and its progress
+ * during the checkpoint relative to before (from the `dirty` workload's heartbeats).
+ * Writes bench/out/timebound-<timestamp>.json.
+ */
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { takeCheckpoint } from '../checkpoint/take.js';
+import { parseHeartbeat } from '../guest/heartbeat.js';
+import { CheckpointStore } from '../store/store.js';
+import { connectVm, startVm, stopVm } from '../vm/manager.js';
+
+const quick = process.argv.includes('--quick');
+const MEM_MIB = 512;
+const WORKLOADS = quick
+  ? ['idle', 'dirty:128:random', 'dirty:384:random']
+  : [
+      'idle',
+      'dirty:128:random',
+      'dirty:384:random',
+      'dirty:128:stream',
+      'dirty:384:stream',
+      'dirty:128:hotcold',
+      'dirty:384:hotcold',
+    ];
+const DEADLINES_MS = quick ? [2000, 5000] : [2000, 5000, 10_000];
+const BASELINE_TIMEOUT_MS = quick ? 15_000 : 30_000;
+const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-tb-'));
+process.env.TLC_HOME = path.join(base, 'home');
+process.env.TLC_STORE = path.join(base, 'store');
+const store = new CheckpointStore();
+
+interface GuestWindow {
+  maxStallMs: number;
+  /** Guest page writes per second during the window / before it (1 = no slowdown). */
+  progressRatio: number | null;
+}
+
+function consoleSize(file: string): number {
+  return fs.statSync(file).size;
+}
+
+/**
+ * Heartbeats written between two console offsets: the longest stall and the guest's own page-write
+ * rates (each heartbeat reports writes per second over its interval, by the guest's clock).
+ */
+function heartbeatsBetween(file: string, from: number, to: number): { stallUs: number; rates: number[] } {
+  const text = fs.readFileSync(file, 'latin1').slice(from, to);
+  let stallUs = 0;
+  const rates: number[] = [];
+  for (const line of text.split('\n')) {
+    const hb = parseHeartbeat(line);
+    if (!hb || hb.kind === 'idle') continue;
+    stallUs = Math.max(stallUs, hb.maxStallUs);
+    if (hb.kind === 'dirty') rates.push(hb.rate);
+  }
+  return { stallUs, rates };
+}
+
+function mean(values: number[]): number | null {
+  return values.length === 0 ? null : values.reduce((a, b) => a + b, 0) / values.length;
+}
+
+async function measureWindow<T>(
+  consoleLog: string,
+  run: () => Promise<T>,
+): Promise<{ result: T; guest: GuestWindow; ms: number }> {
+  const before0 = consoleSize(consoleLog);
+  await sleep(1000);
+  const before1 = consoleSize(consoleLog);
+  const t0 = performance.now();
+  const result = await run();
+  const ms = performance.now() - t0;
+  await sleep(300); // the heartbeat that covers the end of the window
+  const after = consoleSize(consoleLog);
+  const pre = heartbeatsBetween(consoleLog, before0, before1);
+  const during = heartbeatsBetween(consoleLog, before1, after);
+  const preRate = mean(pre.rates);
+  const duringRate = mean(during.rates);
+  return {
+    result,
+    ms,
+    guest: {
+      maxStallMs: during.stallUs / 1000,
+      progressRatio: preRate && duringRate !== null ? duringRate / preRate : null,
+    },
+  };
+}
+
+async function qemuBaseline(vm: string, unlimited: boolean): Promise<Record<string, unknown>> {
+  const { qmp } = await connectVm(vm);
+  try {
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [
+        { capability: 'auto-converge', state: false },
+        { capability: 'background-snapshot', state: false },
+      ],
+    });
+    await qmp.execute('migrate-set-parameters', {
+      'max-bandwidth': unlimited ? 1024 ** 4 : 128 * 1024 * 1024,
+      'downtime-limit': 300,
+    });
+    const t0 = performance.now();
+    await qmp.execute('migrate', { uri: 'exec:cat > /dev/null' });
+    for (;;) {
+      const info = await qmp.execute('query-migrate');
+      const ms = performance.now() - t0;
+      if (info.status === 'completed' && (info['total-time'] ?? 0) > 0) {
+        await qmp.execute('cont');
+        return {
+          finished: true,
+          totalMs: info['total-time'],
+          qemuDowntimeMs: info.downtime,
+          bytesSent: info.ram?.transferred,
+        };
+      }
+      if (info.status === 'failed') return { finished: false, error: info['error-desc'] };
+      if (ms > BASELINE_TIMEOUT_MS) {
+        await qmp.execute('migrate_cancel');
+        for (let i = 0; i < 100 && (await qmp.execute('query-migrate')).status !== 'cancelled'; i++)
+          await sleep(20);
+        return {
+          finished: false,
+          totalMs: null,
+          timeoutMs: BASELINE_TIMEOUT_MS,
+          bytesSent: info.ram?.transferred,
+        };
+      }
+      await sleep(50);
+    }
+  } finally {
+    qmp.close();
+  }
+}
+
+async function main(): Promise<void> {
+  const runs: Record<string, unknown>[] = [];
+  for (const workload of WORKLOADS) {
+    const vm = `tb-${workload.replace(/:/g, '-')}`;
+    process.stderr.write(`\n== ${workload} (${MEM_MIB} MiB guest)\n`);
+    const started = await startVm({
+      name: vm,
+      memMiB: MEM_MIB,
+      workload,
+      accel: 'tcg',
+      bootTimeoutMs: 180_000,
+    });
+    const consoleLog = started.record.paths.consoleLog;
+    await sleep(1000);
+    for (const deadlineMs of DEADLINES_MS) {
+      const w = await measureWindow(consoleLog, () =>
+        takeCheckpoint({ vm, mode: 'live', store, deadlineMs }),
+      );
+      const m = w.result.manifest.metrics;
+      const run = {
+        workload,
+        method: 'tlc live',
+        deadlineMs,
+        finished: true,
+        metDeadline: m.control?.metDeadline ?? null,
+        totalMs: Math.round(m.totalMs),
+        downtimeMs: Math.round(m.stage3.downtimeMs),
+        qemuDowntimeMs: m.qemuDowntimeMs ?? null,
+        maxThrottlePct: m.control?.maxThrottlePct ?? 0,
+        forcedSwitchover: Boolean(m.control?.forcedSwitchover),
+        tcgFixupPages: m.tcgFixup?.pages ?? null,
+        guestMaxStallMs: w.guest.maxStallMs,
+        guestProgressRatio: w.guest.progressRatio,
+      };
+      runs.push(run);
+      process.stderr.write(`${JSON.stringify(run)}\n`);
+      store.remove(w.result.id);
+    }
+    for (const unlimited of [false, true]) {
+      const w = await measureWindow(consoleLog, () => qemuBaseline(vm, unlimited));
+      const run = {
+        workload,
+        method: unlimited ? 'QEMU pre-copy, unlimited bandwidth' : 'QEMU pre-copy, stock parameters',
+        ...w.result,
+        guestMaxStallMs: w.guest.maxStallMs,
+        guestProgressRatio: w.guest.progressRatio,
+      };
+      runs.push(run);
+      process.stderr.write(`${JSON.stringify(run)}\n`);
+    }
+    await stopVm(vm, { force: true });
+  }
+  const stamp = {
+    revision: execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim(),
+    cpus: os.cpus().length,
+    cpuModel: os.cpus()[0]?.model,
+    date: new Date().toISOString(),
+    guestMiB: MEM_MIB,
+    accel: 'tcg',
+    baselineTimeoutMs: BASELINE_TIMEOUT_MS,
+  };
+  fs.mkdirSync('bench/out', { recursive: true });
+  const file = path.join('bench/out', `timebound-${stamp.date.replace(/[:.]/g, '-')}.json`);
+  fs.writeFileSync(file, JSON.stringify({ stamp, runs }, null, 2) + '\n');
+  process.stderr.write(`saved ${file}\n`);
+}
+
+try {
+  await main();
+} finally {
+  for (const entry of fs.existsSync(path.join(base, 'home', 'vms'))
+    ? fs.readdirSync(path.join(base, 'home', 'vms'))
+    : []) {
+    await stopVm(entry, { force: true }).catch(() => undefined);
+  }
+  fs.rmSync(base, { recursive: true, force: true });
+}

@@ -149,7 +149,7 @@ describe('time-bound controller', () => {
   });
 
   it('derives a default deadline from RAM size and bandwidth', () => {
-    assert.equal(defaultDeadlineMs(256 * MiB, 1000 * MiB), 2000);
+    assert.equal(defaultDeadlineMs(256 * MiB, 1000 * MiB), 3000);
     assert.equal(defaultDeadlineMs(4096 * MiB, 500 * MiB), 24_600);
   });
 });

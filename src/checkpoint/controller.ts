@@ -119,10 +119,13 @@ export function decide(
   return { state, decision: {} };
 }
 
+/** Warm-up, QEMU's ramp-up and persisting the manifest take about a second on small guests. */
+const DEFAULT_DEADLINE_MIN_MS = 3000;
+
 /**
  * A deadline to use when the user gives none: three full memory passes at a nominal rate, at
- * least 2 s. `transferBps` is the rate seen in earlier checkpoints of this VM when known.
+ * least 3 s. `transferBps` is the rate seen in earlier checkpoints of this VM when known.
  */
 export function defaultDeadlineMs(ramBytes: number, transferBps: number): number {
-  return Math.max(2000, Math.ceil((3 * ramBytes * 1000) / transferBps / 100) * 100);
+  return Math.max(DEFAULT_DEADLINE_MIN_MS, Math.ceil((3 * ramBytes * 1000) / transferBps / 100) * 100);
 }

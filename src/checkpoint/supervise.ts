@@ -46,6 +46,8 @@ export interface SuperviseContext {
   mode: CheckpointMode;
   timeoutMs: number;
   controller?: ControllerConfig;
+  /** Rate assumed while the first pass is still running. */
+  nominalBps: number;
   onProgress?: (p: CheckpointProgress) => void;
   onStage: (line: string) => void;
 }
@@ -69,6 +71,7 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
   let lastT = now();
   let transferBps = 0;
   let samples = 0;
+  let lastPages = 0;
   let reportedPass = 0;
   let reportedAt = -PASS_REPORT_MS;
   let maxThrottle = 0;
@@ -85,12 +88,18 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
     }
     const t = now();
     const bytes = receiver.bytesReceived;
+    // During the first pass QEMU walks pages never sent yet, mostly zero and sent as tiny
+    // records: its progress is pages scanned, not bytes. After it, bytes are the measure.
+    const pages = (info.ram?.normal ?? 0) + (info.ram?.duplicate ?? 0);
     if (t > lastT && marks.active) {
       samples++;
-      const sample = ((bytes - lastBytes) * 1000) / (t - lastT);
+      const byteRate = ((bytes - lastBytes) * 1000) / (t - lastT);
+      const pageRate = ((pages - lastPages) * PAGE_SIZE * 1000) / (t - lastT);
+      const sample = marks.firstPassDone ? byteRate : Math.max(byteRate, pageRate);
       transferBps = transferBps === 0 ? sample : RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * transferBps;
     }
     lastBytes = bytes;
+    lastPages = pages;
     lastT = t;
     const throttlePct = info['cpu-throttle-percentage'] ?? 0;
     maxThrottle = Math.max(maxThrottle, throttlePct);
@@ -112,7 +121,10 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
       throttlePct,
     });
     if (ctx.controller && marks.active && !marks.stopped && info.status === 'active') {
-      const trusted = samples >= RATE_WARMUP_SAMPLES ? transferBps : 0;
+      // QEMU's first pass starts slowly (a few hundred ms of ramp-up): until it is through, plan
+      // with at least the nominal rate, or the ramp-up would look like a hopeless deadline.
+      const measured = samples >= RATE_WARMUP_SAMPLES ? transferBps : 0;
+      const trusted = marks.firstPassDone ? measured : Math.max(measured, ctx.nominalBps);
       const m = { elapsedMs: t, remainingBytes, transferBps: trusted, dirtyBps, throttlePct };
       if (marks.passes > reportedPass && marks.passes >= 2 && t - reportedAt >= PASS_REPORT_MS) {
         reportedPass = marks.passes;

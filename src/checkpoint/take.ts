@@ -223,6 +223,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       now,
       mode,
       timeoutMs: opts.timeoutMs ?? 10 * 60_000,
+      nominalBps: opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS,
       ...(controller ? { controller } : {}),
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
       onStage: stage,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian machine: QEMU and a C compiler from Debian's packages,
 # npm dependencies, the TypeScript build, and the bundled guest image (cached).
+# --test also installs Debian's chromium, which renders the benchmark report in a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,9 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v gcc >/dev/null || need+=(gcc)
 [ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+if [ "${1:-}" = "--test" ]; then
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

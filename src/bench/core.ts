@@ -7,7 +7,7 @@
  *
  * Prints a table and writes bench/out/core-<timestamp>.json (stamped with git describe and host).
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,6 +17,8 @@ import { CheckpointStore } from '../store/store.js';
 import { launchQemu } from '../vm/launch.js';
 import { connectVm, killVm, startVm, stopVm } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
+import { runMeasured } from './measure.js';
+import { summarize } from './stats.js';
 import { loadVm, runtimePaths } from '../vm/registry.js';
 
 const quick = process.argv.includes('--quick');
@@ -28,12 +30,12 @@ process.env.TLC_STORE = path.join(base, 'store');
 const store = new CheckpointStore();
 
 function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)] ?? NaN;
+  return summarize(values)?.median ?? NaN;
 }
 
 function spread(values: number[]): [number, number] {
-  return [Math.min(...values), Math.max(...values)];
+  const s = summarize(values);
+  return s ? [s.min, s.max] : [NaN, NaN];
 }
 
 /** QEMU migration into `uri` of a stopped VM; returns bytes/s as QEMU saw it. */
@@ -82,27 +84,15 @@ async function lastMigrationRate(vm: string): Promise<{ bytesPerSec: number; ms:
  * A stop-mode checkpoint by the real CLI in its own process, so its peak memory (VmHWM: main
  * thread, writer thread, page table) is the receiver's alone.
  */
+/**
+ * A stop-mode checkpoint by the real CLI in its own process, so its peak memory (VmHWM: main
+ * thread, writer thread, page table) is the receiver's alone.
+ */
 async function tlcStopCheckpoint(vm: string): Promise<{ bytesPerSec: number; peakRss: number; id: string }> {
-  const child = spawn(process.execPath, [TLC_BIN, 'checkpoint', vm, '--mode', 'stop', '--json'], {
-    stdio: ['ignore', 'pipe', 'ignore'],
-    env: process.env,
-  });
-  let stdout = '';
-  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-  let peakRss = 0;
-  const sampler = setInterval(() => {
-    try {
-      const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${child.pid}/status`, 'utf8'));
-      if (m?.[1]) peakRss = Math.max(peakRss, Number(m[1]) * 1024);
-    } catch {
-      // exited
-    }
-  }, 10);
-  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
-  clearInterval(sampler);
-  if (code !== 0) throw new Error(`tlc checkpoint exited with ${code}`);
-  const id = (JSON.parse(stdout) as { id: string }).id;
-  return { bytesPerSec: (await lastMigrationRate(vm)).bytesPerSec, peakRss, id };
+  const run = await runMeasured(process.execPath, [TLC_BIN, 'checkpoint', vm, '--mode', 'stop', '--json']);
+  if (run.code !== 0) throw new Error(`tlc checkpoint exited with ${run.code}`);
+  const id = (JSON.parse(run.stdout) as { id: string }).id;
+  return { bytesPerSec: (await lastMigrationRate(vm)).bytesPerSec, peakRss: run.peakRss, id };
 }
 
 /** Plain QEMU restore from a stream file, for the eager baseline: spawn until running. */

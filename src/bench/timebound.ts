@@ -16,9 +16,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { takeCheckpoint } from '../checkpoint/take.js';
-import { parseHeartbeat } from '../guest/heartbeat.js';
 import { CheckpointStore } from '../store/store.js';
 import { connectVm, startVm, stopVm } from '../vm/manager.js';
+import { measureGuestWindow } from './measure.js';
 
 const quick = process.argv.includes('--quick');
 const MEM_MIB = 512;
@@ -39,63 +39,6 @@ const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-tb-'));
 process.env.TLC_HOME = path.join(base, 'home');
 process.env.TLC_STORE = path.join(base, 'store');
 const store = new CheckpointStore();
-
-interface GuestWindow {
-  maxStallMs: number;
-  /** Guest page writes per second during the window / before it (1 = no slowdown). */
-  progressRatio: number | null;
-}
-
-function consoleSize(file: string): number {
-  return fs.statSync(file).size;
-}
-
-/**
- * Heartbeats written between two console offsets: the longest stall and the guest's own page-write
- * rates (each heartbeat reports writes per second over its interval, by the guest's clock).
- */
-function heartbeatsBetween(file: string, from: number, to: number): { stallUs: number; rates: number[] } {
-  const text = fs.readFileSync(file, 'latin1').slice(from, to);
-  let stallUs = 0;
-  const rates: number[] = [];
-  for (const line of text.split('\n')) {
-    const hb = parseHeartbeat(line);
-    if (!hb || hb.kind === 'idle') continue;
-    stallUs = Math.max(stallUs, hb.maxStallUs);
-    if (hb.kind === 'dirty') rates.push(hb.rate);
-  }
-  return { stallUs, rates };
-}
-
-function mean(values: number[]): number | null {
-  return values.length === 0 ? null : values.reduce((a, b) => a + b, 0) / values.length;
-}
-
-async function measureWindow<T>(
-  consoleLog: string,
-  run: () => Promise<T>,
-): Promise<{ result: T; guest: GuestWindow; ms: number }> {
-  const before0 = consoleSize(consoleLog);
-  await sleep(1000);
-  const before1 = consoleSize(consoleLog);
-  const t0 = performance.now();
-  const result = await run();
-  const ms = performance.now() - t0;
-  await sleep(300); // the heartbeat that covers the end of the window
-  const after = consoleSize(consoleLog);
-  const pre = heartbeatsBetween(consoleLog, before0, before1);
-  const during = heartbeatsBetween(consoleLog, before1, after);
-  const preRate = mean(pre.rates);
-  const duringRate = mean(during.rates);
-  return {
-    result,
-    ms,
-    guest: {
-      maxStallMs: during.stallUs / 1000,
-      progressRatio: preRate && duringRate !== null ? duringRate / preRate : null,
-    },
-  };
-}
 
 async function qemuBaseline(vm: string, unlimited: boolean): Promise<Record<string, unknown>> {
   const { qmp } = await connectVm(vm);
@@ -158,7 +101,7 @@ async function main(): Promise<void> {
     const consoleLog = started.record.paths.consoleLog;
     await sleep(1000);
     for (const deadlineMs of DEADLINES_MS) {
-      const w = await measureWindow(consoleLog, () =>
+      const w = await measureGuestWindow(consoleLog, () =>
         takeCheckpoint({ vm, mode: 'live', store, deadlineMs }),
       );
       const m = w.result.manifest.metrics;
@@ -175,20 +118,20 @@ async function main(): Promise<void> {
         forcedSwitchover: Boolean(m.control?.forcedSwitchover),
         tcgFixupPages: m.tcgFixup?.pages ?? null,
         guestMaxStallMs: w.guest.maxStallMs,
-        guestProgressRatio: w.guest.progressRatio,
+        guestProgressRatio: w.guest.rateRatio,
       };
       runs.push(run);
       process.stderr.write(`${JSON.stringify(run)}\n`);
       store.remove(w.result.id);
     }
     for (const unlimited of [false, true]) {
-      const w = await measureWindow(consoleLog, () => qemuBaseline(vm, unlimited));
+      const w = await measureGuestWindow(consoleLog, () => qemuBaseline(vm, unlimited));
       const run = {
         workload,
         method: unlimited ? 'QEMU pre-copy, unlimited bandwidth' : 'QEMU pre-copy, stock parameters',
         ...w.result,
         guestMaxStallMs: w.guest.maxStallMs,
-        guestProgressRatio: w.guest.progressRatio,
+        guestProgressRatio: w.guest.rateRatio,
       };
       runs.push(run);
       process.stderr.write(`${JSON.stringify(run)}\n`);

@@ -4,7 +4,8 @@
  * unlimited bandwidth), QEMU background-snapshot to a file, and for restores `-incoming
  * "exec:cat <file>"`; against tlc live (time-bound), cow, auto, and lazy and eager restore.
  *
- *   npm run bench [-- --quick]     (--quick: one small guest, two workloads, one repetition)
+ *   npm run bench [-- --quick] [-- --sizes 256,1024 --reps 3 --timeout-s 60]
+ *   (--quick: one 256 MiB guest, two workloads, one repetition: a few minutes)
  *
  * Writes bench/out/compare-<timestamp>.json and .html (see report.ts).
  */
@@ -33,9 +34,16 @@ import { measureGuestWindow, runMeasured } from './measure.js';
 import { renderReport } from './report.js';
 
 const quick = process.argv.includes('--quick');
-const SIZES_MIB = quick ? [256] : [256, 1024, 4096];
-const REPS = quick ? 1 : 3;
-const BASELINE_TIMEOUT_MS = quick ? 10_000 : 60_000;
+
+function argValue(flag: string): string | undefined {
+  const i = process.argv.indexOf(flag);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+/** `--sizes 256,1024` narrows the guest sizes; `--timeout-s 30` the baselines' time limit. */
+const SIZES_MIB = (argValue('--sizes') ?? (quick ? '256' : '256,1024,4096')).split(',').map(Number);
+const REPS = Number(argValue('--reps') ?? (quick ? 1 : 3));
+const BASELINE_TIMEOUT_MS = Number(argValue('--timeout-s') ?? (quick ? 10 : 60)) * 1000;
 const TLC_BIN = path.resolve(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js');
 const MiB = 1024 * 1024;
 

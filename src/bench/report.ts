@@ -95,7 +95,8 @@ function ratioTable(runs: CheckpointRun[]): string {
         }
         const ratio = a.median / b.median;
         const better = m.lowerIsBetter ? ratio < 1 : ratio > 1;
-        return `<td class="${better ? 'win' : 'loss'}">${ratio.toFixed(2)}×</td>`;
+        const cls = Math.abs(ratio - 1) < 0.02 ? 'even' : better ? 'win' : 'loss';
+        return `<td class="${cls}">${ratio.toFixed(2)}×</td>`;
       }).join('');
       rows.push(`<tr><td>${esc(mine)} / ${esc(base)}</td><td></td>${cells}</tr>`);
     }

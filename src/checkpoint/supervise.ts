@@ -21,6 +21,8 @@ const PAGE_SIZE = 4096;
 const RATE_SMOOTHING = 0.5;
 /** Samples before the rate is trusted: the first ones see QEMU's ramp-up. */
 const RATE_WARMUP_SAMPLES = 3;
+/** Until this many samples, plan with at least the nominal rate (QEMU's slow start). */
+const RAMP_UP_SAMPLES = 5;
 
 /**
  * Auto-converge is on in live mode, but may throttle only 1% until the controller raises the
@@ -121,10 +123,11 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
       throttlePct,
     });
     if (ctx.controller && marks.active && !marks.stopped && info.status === 'active') {
-      // QEMU's first pass starts slowly (a few hundred ms of ramp-up): until it is through, plan
-      // with at least the nominal rate, or the ramp-up would look like a hopeless deadline.
+      // QEMU's first pass starts slowly (a few hundred ms of ramp-up): for its first half second,
+      // plan with at least the nominal rate, or the ramp-up would look like a hopeless deadline.
       const measured = samples >= RATE_WARMUP_SAMPLES ? transferBps : 0;
-      const trusted = marks.firstPassDone ? measured : Math.max(measured, ctx.nominalBps);
+      const trusted =
+        marks.firstPassDone || samples >= RAMP_UP_SAMPLES ? measured : Math.max(measured, ctx.nominalBps);
       const m = { elapsedMs: t, remainingBytes, transferBps: trusted, dirtyBps, throttlePct };
       if (marks.passes > reportedPass && marks.passes >= 2 && t - reportedAt >= PASS_REPORT_MS) {
         reportedPass = marks.passes;

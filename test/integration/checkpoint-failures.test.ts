@@ -132,11 +132,19 @@ describe('checkpoints under failure and bad input', () => {
     const record = loadVm('crash');
     assert.ok(record.process && isAlive(record.process), 'VM survives a dead tlc');
 
-    // QEMU dies mid-checkpoint: a typed error, nothing published.
-    const pending = takeCheckpoint({ vm: 'crash', mode: 'live', store });
-    await sleep(150);
-    await killVm('crash');
+    // QEMU dies mid-checkpoint, once the stream is flowing: a typed error, nothing published.
+    let killed: Promise<unknown> | undefined;
+    const pending = takeCheckpoint({
+      vm: 'crash',
+      mode: 'live',
+      store,
+      onStage: (line) => {
+        if (!killed && line.startsWith('setup:')) killed = killVm('crash');
+      },
+    });
     await assert.rejects(pending, (err: unknown) => err instanceof TlcError);
+    assert.ok(killed, 'QEMU was killed while migrating');
+    await killed;
     assert.deepEqual(listedIds(), before);
     assert.ok(verifyCheckpoint(store.resolve(good.id), true).ok, 'earlier checkpoint intact');
     assert.deepEqual(

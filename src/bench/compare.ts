@@ -32,6 +32,7 @@ import type {
 } from './compare-types.js';
 import { measureGuestWindow, runMeasured } from './measure.js';
 import { renderReport } from './report.js';
+import { summaryMarkdown } from './summary.js';
 
 const quick = process.argv.includes('--quick');
 
@@ -326,6 +327,7 @@ async function main(): Promise<void> {
   const stem = path.join('bench/out', `compare-${String(results.stamp.date).replace(/[:.]/g, '-')}`);
   fs.writeFileSync(`${stem}.json`, JSON.stringify(results, null, 2) + '\n');
   fs.writeFileSync(`${stem}.html`, renderReport(results));
+  process.stdout.write(summaryMarkdown(results));
   process.stderr.write(`saved ${stem}.json and ${stem}.html\n`);
 }
 

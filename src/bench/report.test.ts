@@ -7,6 +7,7 @@ import zlib from 'node:zlib';
 import { describe, it } from 'node:test';
 import type { CheckpointRun, CompareResults } from './compare-types.js';
 import { renderReport } from './report.js';
+import { summaryMarkdown } from './summary.js';
 
 function run(method: CheckpointRun['method'], rep: number, extra: Partial<CheckpointRun>): CheckpointRun {
   return { ramMiB: 256, workload: 'dirty:64:random', method, rep, finished: true, ...extra };

@@ -3,7 +3,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { CheckpointError, PersistError, StreamError, TlcError, errorText } from '../core/errors.js';
+import { CheckpointError, PersistError, StreamError } from '../core/errors.js';
 import { PRIVATE_FILE_MODE } from '../core/paths.js';
 import { CONFIG_FILE, DEVICE_FILE, type ManifestBlock, sha256Hex } from '../store/manifest.js';
 import { chunkCount, hashChunk, newSums } from '../store/sums.js';
@@ -374,10 +374,4 @@ function countDataPages(data: Buffer): number {
     if (zero.compare(data, at, Math.min(at + TARGET_PAGE_SIZE, data.length)) !== 0) n++;
   }
   return n;
-}
-
-export function describeReceiveError(err: unknown): TlcError {
-  return err instanceof TlcError
-    ? err
-    : new CheckpointError(`Checkpoint stream failed: ${errorText(err)}`, { cause: err });
 }

@@ -63,6 +63,14 @@ describe('benchmark report', () => {
     assert.ok(!/<script/i.test(html), 'self-contained: no scripts');
   });
 
+  it('summarizes finish counts and tlc/baseline ratios for the README', () => {
+    const md = summaryMarkdown(results);
+    assert.match(md, /Finished: tlc live 2\/2, stop and save 1\/1, QEMU live \(stock\) 0\/1\./);
+    assert.match(md, /\| tlc live \/ stop and save \| 0\.06× \(0\.06–0\.06\)/);
+    assert.match(md, /\| tlc live \/ QEMU live \(stock\) \| –; baseline unfinished in 1/);
+    assert.match(md, /\| tlc lazy \| 45 ms \| 47 ms \|/);
+  });
+
   it(
     'renders in headless Chromium to a non-blank screenshot',
     { skip: !fs.existsSync('/usr/bin/chromium') && 'Debian chromium not installed' },

@@ -46,6 +46,10 @@ export function registerDemoCommand(program: Command): void {
         `   guest at heartbeat ${before.heartbeats.at(-1)?.seq}, ${before.corruptions.length} corruptions`,
       );
 
+      // The demo keeps only its newest checkpoint, so repeated demos do not fill the disk.
+      const older = store.list().filter((c) => c.manifest.vm.name === DEMO_VM);
+      for (const c of older) store.remove(c.id);
+      if (older.length > 0) note(`   removed ${older.length} checkpoint(s) of earlier demos`);
       note('2. live checkpoint while the guest keeps running');
       const progress = new ProgressLine();
       const ckpt = await takeCheckpoint({

@@ -57,7 +57,11 @@ describe('benchmark report', () => {
   });
 
   it('draws the charts inline and escapes text', () => {
-    assert.equal((html.match(/<svg /g) ?? []).length, 3, 'downtime, restore and timeline charts');
+    assert.equal(
+      (html.match(/<svg /g) ?? []).length,
+      3,
+      'downtime (one guest size), restore and timeline charts',
+    );
     assert.match(html, /did not finish<\/title>/);
     assert.ok(html.includes('a note with &lt;markup&gt;'));
     assert.ok(!/<script/i.test(html), 'self-contained: no scripts');

@@ -192,20 +192,31 @@ export function lineChart(
   return `<figure><figcaption>${esc(title)}</figcaption><svg width="${w}" height="${h + 4}" role="img">${axes}${lines.join('')}</svg><div class="legend">${legend}</div></figure>`;
 }
 
+/** One downtime chart per guest size: sizes differ by an order of magnitude. */
 function downtimeChart(checkpoints: CheckpointRun[]): string {
-  const bars: Bar[] = [];
-  for (const [g, runs] of groups(checkpoints)) {
-    for (const method of [...new Set(runs.map((r) => r.method))]) {
-      const mine = runs.filter((r) => r.method === method);
-      const s = summarize(
-        mine
-          .filter((r) => r.finished && r.qemuDowntimeMs !== undefined)
-          .map((r) => r.qemuDowntimeMs as number),
+  return [...new Set(checkpoints.map((r) => r.ramMiB))]
+    .map((ramMiB) => {
+      const bars: Bar[] = [];
+      const runs = checkpoints.filter((r) => r.ramMiB === ramMiB);
+      for (const workload of [...new Set(runs.map((r) => r.workload))]) {
+        for (const method of [...new Set(runs.map((r) => r.method))]) {
+          const mine = runs.filter((r) => r.workload === workload && r.method === method);
+          if (mine.length === 0) continue;
+          const s = summarize(
+            mine
+              .filter((r) => r.finished && r.qemuDowntimeMs !== undefined)
+              .map((r) => r.qemuDowntimeMs as number),
+          );
+          bars.push({ group: workload, series: method, value: s?.median });
+        }
+      }
+      return barChart(
+        `Downtime per method and workload, ${ramMiB} MiB guest (QEMU-reported, median)`,
+        'ms',
+        bars,
       );
-      bars.push({ group: g, series: method, value: s?.median });
-    }
-  }
-  return barChart('Downtime per method and workload (QEMU-reported, median)', 'ms', bars);
+    })
+    .join('');
 }
 
 function restoreChart(restores: RestoreRun[]): string {

@@ -9,7 +9,6 @@
  *
  * Writes bench/out/compare-<timestamp>.json and .html (see report.ts).
  */
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -33,6 +32,7 @@ import type {
 import { measureGuestWindow, runMeasured } from './measure.js';
 import { renderReport } from './report.js';
 import { summaryMarkdown } from './summary.js';
+import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
 
 const quick = process.argv.includes('--quick');
 
@@ -58,9 +58,8 @@ function workloadsFor(ramMiB: number): string[] {
   ];
 }
 
-const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-cmp-'));
-process.env.TLC_HOME = path.join(base, 'home');
-process.env.TLC_STORE = path.join(base, 'store');
+const workspace = benchWorkspace('compare');
+const base = workspace.base;
 const store = new CheckpointStore();
 const files = path.join(base, 'files');
 fs.mkdirSync(files, { recursive: true });
@@ -205,13 +204,8 @@ async function restoreByTlc(
 async function main(): Promise<void> {
   const results: CompareResults = {
     stamp: {
-      revision: execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim(),
-      host: os.hostname(),
-      cpus: os.cpus().length,
-      cpu: os.cpus()[0]?.model ?? '',
-      memGiB: Math.round(os.totalmem() / 2 ** 30),
+      ...machineStamp(),
       accel: 'tcg',
-      date: new Date().toISOString(),
       preset: quick ? 'quick' : 'full',
       repetitions: REPS,
     },
@@ -323,19 +317,11 @@ async function main(): Promise<void> {
       if (lastStopFile) fs.rmSync(lastStopFile, { force: true });
     }
   }
-  fs.mkdirSync('bench/out', { recursive: true });
-  const stem = path.join('bench/out', `compare-${String(results.stamp.date).replace(/[:.]/g, '-')}`);
-  fs.writeFileSync(`${stem}.json`, JSON.stringify(results, null, 2) + '\n');
-  fs.writeFileSync(`${stem}.html`, renderReport(results));
+  const date = String(results.stamp.date);
+  const json = saveResult('compare', date, 'json', JSON.stringify(results, null, 2) + '\n');
+  const html = saveResult('compare', date, 'html', renderReport(results));
+  process.stderr.write(`saved ${json} and ${html}\n`);
   process.stdout.write(summaryMarkdown(results));
-  process.stderr.write(`saved ${stem}.json and ${stem}.html\n`);
 }
 
-try {
-  await main();
-} finally {
-  const vms = path.join(base, 'home', 'vms');
-  for (const entry of fs.existsSync(vms) ? fs.readdirSync(vms) : [])
-    await stopVm(entry, { force: true }).catch(() => undefined);
-  fs.rmSync(base, { recursive: true, force: true });
-}
+await workspace.run(main);

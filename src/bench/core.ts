@@ -7,9 +7,7 @@
  *
  * Prints a table and writes bench/out/core-<timestamp>.json (stamped with git describe and host).
  */
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { restoreCheckpoint } from '../restore/restore.js';
@@ -19,14 +17,14 @@ import { connectVm, killVm, startVm, stopVm } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
 import { runMeasured } from './measure.js';
 import { summarize } from './stats.js';
+import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
 import { loadVm, runtimePaths } from '../vm/registry.js';
 
 const quick = process.argv.includes('--quick');
 const TLC_BIN = path.resolve(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js');
 const REPEATS = quick ? 1 : 3;
-const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-'));
-process.env.TLC_HOME = path.join(base, 'home');
-process.env.TLC_STORE = path.join(base, 'store');
+const workspace = benchWorkspace('core');
+const base = workspace.base;
 const store = new CheckpointStore();
 
 function median(values: number[]): number {
@@ -185,30 +183,11 @@ async function main(): Promise<void> {
   }
   const [small, large] = sizes.map((m) => (results[`restore-${m}`] as { lazyMs: number }).lazyMs);
   results.lazyLargeVsSmall = (large ?? NaN) / (small ?? NaN);
-  const stamp = {
-    revision: execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim(),
-    host: os.hostname(),
-    cpus: os.cpus().length,
-    cpuModel: os.cpus()[0]?.model,
-    memGiB: Math.round(os.totalmem() / 2 ** 30),
-    date: new Date().toISOString(),
-    repeats: REPEATS,
-  };
+  const stamp = { ...machineStamp(), repeats: REPEATS };
   const out = { stamp, results };
-  fs.mkdirSync('bench/out', { recursive: true });
-  const file = path.join('bench/out', `core-${stamp.date.replace(/[:.]/g, '-')}.json`);
-  fs.writeFileSync(file, JSON.stringify(out, null, 2) + '\n');
+  const file = saveResult('core', stamp.date, 'json', JSON.stringify(out, null, 2) + '\n');
   process.stdout.write(JSON.stringify(out, null, 2) + '\n');
   process.stderr.write(`saved ${file}\n`);
 }
 
-try {
-  await main();
-} finally {
-  for (const entry of fs.existsSync(path.join(base, 'home', 'vms'))
-    ? fs.readdirSync(path.join(base, 'home', 'vms'))
-    : []) {
-    await stopVm(entry, { force: true }).catch(() => undefined);
-  }
-  fs.rmSync(base, { recursive: true, force: true });
-}
+await workspace.run(main);

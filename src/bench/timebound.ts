@@ -10,15 +10,12 @@
  * during the checkpoint relative to before (from the `dirty` workload's heartbeats).
  * Writes bench/out/timebound-<timestamp>.json.
  */
-import { execFileSync } from 'node:child_process';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { takeCheckpoint } from '../checkpoint/take.js';
 import { CheckpointStore } from '../store/store.js';
 import { connectVm, startVm, stopVm } from '../vm/manager.js';
 import { measureGuestWindow } from './measure.js';
+import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
 
 const quick = process.argv.includes('--quick');
 const MEM_MIB = 512;
@@ -35,9 +32,7 @@ const WORKLOADS = quick
     ];
 const DEADLINES_MS = quick ? [2000, 5000] : [2000, 5000, 10_000];
 const BASELINE_TIMEOUT_MS = quick ? 15_000 : 30_000;
-const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-bench-tb-'));
-process.env.TLC_HOME = path.join(base, 'home');
-process.env.TLC_STORE = path.join(base, 'store');
+const workspace = benchWorkspace('timebound');
 const store = new CheckpointStore();
 
 async function qemuBaseline(vm: string, unlimited: boolean): Promise<Record<string, unknown>> {
@@ -139,27 +134,13 @@ async function main(): Promise<void> {
     await stopVm(vm, { force: true });
   }
   const stamp = {
-    revision: execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim(),
-    cpus: os.cpus().length,
-    cpuModel: os.cpus()[0]?.model,
-    date: new Date().toISOString(),
+    ...machineStamp(),
     guestMiB: MEM_MIB,
     accel: 'tcg',
     baselineTimeoutMs: BASELINE_TIMEOUT_MS,
   };
-  fs.mkdirSync('bench/out', { recursive: true });
-  const file = path.join('bench/out', `timebound-${stamp.date.replace(/[:.]/g, '-')}.json`);
-  fs.writeFileSync(file, JSON.stringify({ stamp, runs }, null, 2) + '\n');
+  const file = saveResult('timebound', stamp.date, 'json', JSON.stringify({ stamp, runs }, null, 2) + '\n');
   process.stderr.write(`saved ${file}\n`);
 }
 
-try {
-  await main();
-} finally {
-  for (const entry of fs.existsSync(path.join(base, 'home', 'vms'))
-    ? fs.readdirSync(path.join(base, 'home', 'vms'))
-    : []) {
-    await stopVm(entry, { force: true }).catch(() => undefined);
-  }
-  fs.rmSync(base, { recursive: true, force: true });
-}
+await workspace.run(main);

@@ -19,7 +19,7 @@ import { CheckpointStore } from '../store/store.js';
 import { restoreCheckpoint } from '../restore/restore.js';
 import { ConsoleTail } from '../vm/console.js';
 import { launchQemu } from '../vm/launch.js';
-import { connectVm, isHeartbeatLine, killVm, startVm, stopVm } from '../vm/manager.js';
+import { isHeartbeatLine, killVm, startVm, stopVm } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
 import { loadVm, runtimePaths } from '../vm/registry.js';
 import type {
@@ -29,6 +29,7 @@ import type {
   RestoreRun,
   TimelineSample,
 } from './compare-types.js';
+import { runQemuMigration } from './baseline.js';
 import { measureGuestWindow, runMeasured } from './measure.js';
 import { renderReport } from './report.js';
 import { summaryMarkdown } from './summary.js';
@@ -72,52 +73,24 @@ async function qemuToFile(
 ): Promise<
   Omit<CheckpointRun, 'ramMiB' | 'workload' | 'method' | 'rep' | 'guestMaxStallMs' | 'guestRateRatio'>
 > {
-  const { qmp } = await connectVm(vm);
-  try {
-    await qmp.execute('migrate-set-capabilities', {
-      capabilities: [
-        { capability: 'auto-converge', state: false },
-        { capability: 'background-snapshot', state: method === 'QEMU background-snapshot' },
-      ],
-    });
-    const stock = method === 'QEMU live (stock)';
-    await qmp.execute('migrate-set-parameters', {
-      'max-bandwidth': stock ? 128 * MiB : 1024 ** 4,
-      'downtime-limit': 300,
-    });
-    const t0 = performance.now();
-    if (method === 'stop and save') await qmp.execute('stop');
+  const r = await runQemuMigration(vm, {
     // The kvm-tlc manual's way: migrate to dd writing the file.
-    await qmp.execute('migrate', { uri: `exec:dd of=${file} bs=1M status=none` });
-    for (;;) {
-      const info = await qmp.execute('query-migrate');
-      if (info.status === 'completed' && (info['total-time'] ?? 0) > 0) {
-        const state = await qmp.execute('query-status');
-        if (state.status !== 'running') await qmp.execute('cont');
-        const totalMs = performance.now() - t0;
-        return {
-          finished: true,
-          totalMs,
-          qemuDowntimeMs: method === 'stop and save' ? totalMs : (info.downtime ?? 0),
-          bytesSent: info.ram?.transferred ?? 0,
-          bytesStored: fs.statSync(file).size,
-          durableMs: totalMs,
-        };
-      }
-      if (info.status === 'failed') return { finished: false };
-      if (performance.now() - t0 > BASELINE_TIMEOUT_MS) {
-        await qmp.execute('migrate_cancel');
-        for (let i = 0; i < 100 && (await qmp.execute('query-migrate')).status !== 'cancelled'; i++)
-          await sleep(20);
-        const state = await qmp.execute('query-status');
-        if (state.status !== 'running') await qmp.execute('cont');
-        return { finished: false, bytesSent: info.ram?.transferred ?? 0 };
-      }
-      await sleep(20);
-    }
-  } finally {
-    qmp.close();
-  }
+    uri: `exec:dd of=${file} bs=1M status=none`,
+    maxBandwidthBps: method === 'QEMU live (stock)' ? 128 * MiB : 1024 ** 4,
+    backgroundSnapshot: method === 'QEMU background-snapshot',
+    stopFirst: method === 'stop and save',
+    timeoutMs: BASELINE_TIMEOUT_MS,
+  });
+  if (!r.finished) return r.error ? { finished: false } : { finished: false, bytesSent: r.bytesSent };
+  return {
+    finished: true,
+    totalMs: r.wallMs,
+    // Stop-and-save keeps the VM stopped throughout: its downtime is the whole save.
+    qemuDowntimeMs: method === 'stop and save' ? r.wallMs : (r.qemuDowntimeMs ?? 0),
+    bytesSent: r.bytesSent,
+    bytesStored: fs.statSync(file).size,
+    durableMs: r.wallMs,
+  };
 }
 
 /** A tlc checkpoint through the real CLI (its own process, so its peak memory is measurable). */

@@ -15,6 +15,7 @@ import { CheckpointStore } from '../store/store.js';
 import { launchQemu } from '../vm/launch.js';
 import { connectVm, killVm, startVm, stopVm } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
+import { runQemuMigration } from './baseline.js';
 import { runMeasured } from './measure.js';
 import { summarize } from './stats.js';
 import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
@@ -41,28 +42,15 @@ async function qemuMigrate(
   vm: string,
   uri: string,
 ): Promise<{ bytesPerSec: number; ms: number; bytes: number }> {
-  const { qmp } = await connectVm(vm);
-  try {
-    await qmp.execute('migrate-set-capabilities', {
-      capabilities: [{ capability: 'background-snapshot', state: false }],
-    });
-    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 ** 4 });
-    await qmp.execute('stop');
-    await qmp.execute('migrate', { uri });
-    for (;;) {
-      const info = await qmp.execute('query-migrate');
-      if (info.status === 'completed' && (info['total-time'] ?? 0) > 0) {
-        const bytes = info.ram?.transferred ?? 0;
-        const ms = info['total-time'] ?? 1;
-        return { bytesPerSec: (bytes / ms) * 1000, ms, bytes };
-      }
-      if (info.status === 'failed') throw new Error(`migration failed: ${info['error-desc']}`);
-      await sleep(5);
-    }
-  } finally {
-    await qmp.execute('cont').catch(() => undefined);
-    qmp.close();
-  }
+  const r = await runQemuMigration(vm, {
+    uri,
+    maxBandwidthBps: 1024 ** 4,
+    stopFirst: true,
+    timeoutMs: Infinity,
+  });
+  if (!r.finished) throw new Error(`migration failed: ${r.error}`);
+  const ms = r.qemuTotalMs ?? 1;
+  return { bytesPerSec: (r.bytesSent / ms) * 1000, ms, bytes: r.bytesSent };
 }
 
 /** What QEMU reports about the migration it finished last (the one into tlc). */

@@ -13,7 +13,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { takeCheckpoint } from '../checkpoint/take.js';
 import { CheckpointStore } from '../store/store.js';
-import { connectVm, startVm, stopVm } from '../vm/manager.js';
+import { startVm, stopVm } from '../vm/manager.js';
+import { runQemuMigration } from './baseline.js';
 import { measureGuestWindow } from './measure.js';
 import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
 
@@ -36,49 +37,16 @@ const workspace = benchWorkspace('timebound');
 const store = new CheckpointStore();
 
 async function qemuBaseline(vm: string, unlimited: boolean): Promise<Record<string, unknown>> {
-  const { qmp } = await connectVm(vm);
-  try {
-    await qmp.execute('migrate-set-capabilities', {
-      capabilities: [
-        { capability: 'auto-converge', state: false },
-        { capability: 'background-snapshot', state: false },
-      ],
-    });
-    await qmp.execute('migrate-set-parameters', {
-      'max-bandwidth': unlimited ? 1024 ** 4 : 128 * 1024 * 1024,
-      'downtime-limit': 300,
-    });
-    const t0 = performance.now();
-    await qmp.execute('migrate', { uri: 'exec:cat > /dev/null' });
-    for (;;) {
-      const info = await qmp.execute('query-migrate');
-      const ms = performance.now() - t0;
-      if (info.status === 'completed' && (info['total-time'] ?? 0) > 0) {
-        await qmp.execute('cont');
-        return {
-          finished: true,
-          totalMs: info['total-time'],
-          qemuDowntimeMs: info.downtime,
-          bytesSent: info.ram?.transferred,
-        };
-      }
-      if (info.status === 'failed') return { finished: false, error: info['error-desc'] };
-      if (ms > BASELINE_TIMEOUT_MS) {
-        await qmp.execute('migrate_cancel');
-        for (let i = 0; i < 100 && (await qmp.execute('query-migrate')).status !== 'cancelled'; i++)
-          await sleep(20);
-        return {
-          finished: false,
-          totalMs: null,
-          timeoutMs: BASELINE_TIMEOUT_MS,
-          bytesSent: info.ram?.transferred,
-        };
-      }
-      await sleep(50);
-    }
-  } finally {
-    qmp.close();
-  }
+  const r = await runQemuMigration(vm, {
+    uri: 'exec:cat > /dev/null',
+    maxBandwidthBps: unlimited ? 1024 ** 4 : 128 * 1024 * 1024,
+    timeoutMs: BASELINE_TIMEOUT_MS,
+  });
+  return r.finished
+    ? { finished: true, totalMs: r.qemuTotalMs, qemuDowntimeMs: r.qemuDowntimeMs, bytesSent: r.bytesSent }
+    : r.error
+      ? { finished: false, error: r.error }
+      : { finished: false, totalMs: null, timeoutMs: BASELINE_TIMEOUT_MS, bytesSent: r.bytesSent };
 }
 
 async function main(): Promise<void> {

@@ -22,15 +22,17 @@ export interface StageMarks {
   /** QEMU's own timestamps (ms since the epoch) of the STOP and RESUME events: the downtime. */
   stopTs?: number;
   resumeTs?: number;
-  durable?: { t: number };
 }
 
-/** `qemu`: what query-migrate reported at completion (downtime; bytes sent while stopped). */
+/**
+ * `qemu`: what query-migrate reported at completion (downtime; bytes sent while stopped).
+ * `durableMs` is the caller's: it is known only once the files are on disk.
+ */
 export function stageMetrics(
   m: StageMarks,
   bytesStored: number,
   qemu: { downtimeMs?: number; downtimeBytes?: number } = {},
-): StageMetrics {
+): Omit<StageMetrics, 'durableMs'> {
   const qemuDowntimeMs = qemu.downtimeMs;
   const end = m.streamDone ?? { t: 0, bytes: 0 };
   const active = m.active ?? { t: 0, bytes: 0 };
@@ -65,7 +67,6 @@ export function stageMetrics(
     stage2,
     stage3,
     totalMs: Math.max(end.t, m.resumed?.t ?? 0),
-    durableMs: m.durable?.t ?? 0,
     ...(qemuDowntimeMs !== undefined ? { qemuDowntimeMs } : {}),
     bytesReceived: end.bytes,
     bytesStored,

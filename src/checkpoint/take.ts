@@ -260,14 +260,14 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       vmWasRunning: wasRunning,
       metrics: {
         ...stageMetrics(marks, received.bytesStored, info),
+        // Data files are fsynced here; the returned copy below says when the rename made it all durable.
+        durableMs: now(),
         warmUpMs,
         ...(tcgFixup ? { tcgFixup } : {}),
         ...(control ? { control } : {}),
       },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
-    marks.durable = { t: now() };
-    manifest.metrics.durableMs = marks.durable.t;
     writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest), 0o600);
     const dir = store.publish(staging, id);
     manifest.metrics.durableMs = now();

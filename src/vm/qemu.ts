@@ -42,24 +42,34 @@ async function probe(binary: string): Promise<QemuBinary> {
   return { binary, version: match[1] };
 }
 
-/** Every machine type name (not aliases) the binary offers. */
+/** `-machine help`, once per binary: machine type name → the type it is an alias of, if any. */
+const machineTables = new Map<string, Promise<Map<string, string | undefined>>>();
+
+function machineTable(binary: string): Promise<Map<string, string | undefined>> {
+  let table = machineTables.get(binary);
+  if (!table) {
+    table = run(binary, ['-machine', 'help'], { timeout: 10_000 }).then(({ stdout }) => {
+      const names = new Map<string, string | undefined>();
+      for (const line of stdout.split('\n').slice(1)) {
+        const [name] = line.split(/\s+/, 1);
+        if (name) names.set(name, /\(alias of ([^)]+)\)/.exec(line)?.[1]);
+      }
+      return names;
+    });
+    machineTables.set(binary, table);
+  }
+  return table;
+}
+
+/** Every machine type name the binary offers (aliases included). */
 export async function listMachines(binary: string): Promise<string[]> {
-  const { stdout } = await run(binary, ['-machine', 'help'], { timeout: 10_000 });
-  return stdout
-    .split('\n')
-    .slice(1)
-    .map((line) => line.split(/\s+/, 1)[0] ?? '')
-    .filter(Boolean);
+  return [...(await machineTable(binary)).keys()];
 }
 
 /** Resolves an alias such as `pc` to the versioned machine type QEMU would use (`pc-i440fx-7.2`). */
 export async function resolveMachine(binary: string, machine: string): Promise<string> {
-  const { stdout } = await run(binary, ['-machine', 'help'], { timeout: 10_000 });
-  for (const line of stdout.split('\n')) {
-    const [name] = line.split(/\s+/, 1);
-    if (name !== machine) continue;
-    const alias = /\(alias of ([^)]+)\)/.exec(line);
-    return alias?.[1] ?? machine;
-  }
-  throw new TlcError('E_VM_SPEC', `${binary} does not know machine type "${machine}"`);
+  const table = await machineTable(binary);
+  if (!table.has(machine))
+    throw new TlcError('E_VM_SPEC', `${binary} does not know machine type "${machine}"`);
+  return table.get(machine) ?? machine;
 }

@@ -1,9 +1,10 @@
 import type { Command } from 'commander';
 import { takeCheckpoint } from '../checkpoint/take.js';
-import { UsageError } from '../core/errors.js';
+import { TlcError, UsageError, errorText } from '../core/errors.js';
 import type { CheckpointMode, Manifest } from '../store/manifest.js';
+import { checkSignature, loadSigningKey } from '../store/sign.js';
 import { CheckpointStore } from '../store/store.js';
-import { assertVerified, verifyCheckpoint } from '../store/verify.js';
+import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
 import { formatBytes, formatMs, note, printJson, printTable } from './output.js';
 import { ProgressLine } from './progress.js';
 import { parseDuration, parseRate } from './units.js';
@@ -11,6 +12,11 @@ import { parseDuration, parseRate } from './units.js';
 interface StoreFlags {
   store?: string;
   json?: boolean;
+}
+
+interface KeyFlags {
+  signKey?: string;
+  allowUnsigned?: boolean;
 }
 
 function storeOf(o: StoreFlags): CheckpointStore {
@@ -23,6 +29,27 @@ function parseMode(value: string): CheckpointMode | 'auto' {
 }
 
 const STORE_HELP = 'checkpoint store directory (default: $TLC_STORE or ~/.local/share/tlc/checkpoints)';
+const SIGN_KEY_HELP = 'signing key file (default: $TLC_SIGN_KEY, else ~/.config/tlc/sign.key if it exists)';
+const REF_HELP = 'id, VM name (its newest), or unique id prefix';
+
+/** The configured signing key for commands that only check signatures (never creates one). */
+function checkingKey(o: KeyFlags): Buffer | undefined {
+  return loadSigningKey({ ...(o.signKey ? { keyFile: o.signKey } : {}), create: false })?.key;
+}
+
+/** One phrase for a signature status: "signed (key 0123…), valid", "UNSIGNED", ... */
+export function describeSignature(status: VerifyReport['signature'], keyId: string | undefined): string {
+  switch (status) {
+    case 'valid':
+      return `signed (key ${keyId}), valid`;
+    case 'no-key':
+      return `signed (key ${keyId}), not checked: no signing key (--sign-key FILE or $TLC_SIGN_KEY)`;
+    case 'unsigned':
+      return 'UNSIGNED';
+    case 'invalid':
+      return `signed (key ${keyId}), INVALID`;
+  }
+}
 
 export function printStages(m: Manifest, print: (line: string) => void): void {
   const x = m.metrics;
@@ -119,16 +146,28 @@ export function registerCheckpointCommands(program: Command): void {
 
   program
     .command('show')
-    .description('show a checkpoint: VM, stages, files')
-    .argument('<checkpoint>', 'id, unique id prefix, or VM name (newest)')
+    .description('show a checkpoint: VM, stages, files, signature')
+    .argument('<checkpoint>', REF_HELP)
     .option('--store <dir>', STORE_HELP)
+    .option('--sign-key <file>', SIGN_KEY_HELP)
     .option('--json', 'print the manifest as JSON')
-    .action((ref: string, o: StoreFlags) => {
+    .action((ref: string, o: StoreFlags & KeyFlags) => {
       const c = storeOf(o).resolve(ref);
       if (o.json) return printJson({ dir: c.dir, ...c.manifest });
       const out = (line: string): void => void process.stdout.write(line + '\n');
+      let signature: string;
+      try {
+        signature = describeSignature(
+          checkSignature(c.manifest, checkingKey(o)),
+          c.manifest.signature?.keyId,
+        );
+      } catch (err) {
+        if (!(err instanceof TlcError) || err.code !== 'E_CORRUPT') throw err;
+        signature = `INVALID: ${errorText(err)}`;
+      }
       printStages(c.manifest, out);
       out(`  directory           ${c.dir}`);
+      out(`  signature           ${signature}`);
       out(
         `  QEMU ${c.manifest.qemuVersion}, machine ${c.manifest.machineType}, ${c.manifest.vm.memMiB} MiB, ${c.manifest.vm.cpus} vCPU`,
       );
@@ -143,26 +182,43 @@ export function registerCheckpointCommands(program: Command): void {
 
   program
     .command('verify')
-    .description('re-check every byte of a checkpoint against its checksums')
-    .argument('<checkpoint>', 'id, unique id prefix, or VM name (newest)')
+    .description("check a checkpoint's signature and re-check every byte against its checksums")
+    .argument('<checkpoint>', REF_HELP)
     .option('--store <dir>', STORE_HELP)
+    .option('--sign-key <file>', SIGN_KEY_HELP)
+    .option('--allow-unsigned', 'accept an unsigned checkpoint even though a signing key is configured')
     .option('--json', 'print the report as JSON')
-    .action((ref: string, o: StoreFlags) => {
-      const report = verifyCheckpoint(storeOf(o).resolve(ref), true);
+    .action((ref: string, o: StoreFlags & KeyFlags) => {
+      const key = checkingKey(o);
+      const report = verifyCheckpoint(storeOf(o).resolve(ref), true, {
+        ...(key ? { key } : {}),
+        allowUnsigned: Boolean(o.allowUnsigned),
+      });
       if (o.json) printJson(report);
-      else if (report.ok) note(`${report.id}: ok (${formatBytes(report.bytesChecked)} checked)`);
-      for (const p of o.json ? [] : report.problems) note(`${report.id}: ${p}`);
+      else {
+        const allowed = report.signature === 'unsigned' && key && o.allowUnsigned ? ' (allowed)' : '';
+        note(`${report.id}: ${describeSignature(report.signature, report.keyId)}${allowed}`);
+        if (report.ok) note(`${report.id}: ok (${formatBytes(report.bytesChecked)} checked)`);
+        for (const p of report.problems) note(`${report.id}: ${p}`);
+        if (report.signature === 'unsigned' && !report.ok && key && !o.allowUnsigned)
+          note(`${report.id}: --allow-unsigned accepts an unsigned checkpoint`);
+      }
       assertVerified(report);
     });
 
   program
     .command('rm')
-    .description('delete a checkpoint')
-    .argument('<checkpoint...>', 'ids or unique id prefixes')
+    .description('delete checkpoints by exact id, or every checkpoint of a VM with --all')
+    .argument('<id...>', 'checkpoint ids, exactly as tlc ls shows them (with --all: one VM name)')
+    .option('--all', 'remove every checkpoint of the named VM')
     .option('--store <dir>', STORE_HELP)
-    .action((refs: string[], o: StoreFlags) => {
+    .action((refs: string[], o: StoreFlags & { all?: boolean }) => {
       const store = storeOf(o);
-      for (const ref of refs) note(`removed ${store.remove(ref).id}`);
+      if (o.all && refs.length !== 1) {
+        throw new UsageError(`rm --all takes exactly one VM name (got ${refs.length})`);
+      }
+      const removed = o.all ? store.removeAllOf(refs[0] as string) : store.removeIds(refs);
+      for (const c of removed) note(`removed ${c.id}`);
     });
 }
 

@@ -1,34 +1,98 @@
 import { createHash } from 'node:crypto';
+import path from 'node:path';
 import { TlcError } from '../core/errors.js';
 import type { VmSpec } from '../vm/spec.js';
+import { type ManifestSignature, signManifest } from './sign.js';
 
 /**
  * A checkpoint directory, published atomically by renaming `.tmp-<id>` to `<id>`:
  *
  * | file              | holds                                                                   |
  * |-------------------|-------------------------------------------------------------------------|
- * | manifest.json     | this manifest: magic, format version, checksum over the rest of the JSON |
+ * | manifest.json     | this manifest: magic, format version, checksum over the rest of the JSON, optional HMAC signature |
  * | config.bin        | the stream's configuration section, verbatim (machine type, capabilities) |
  * | block-<n>.img     | RAM block n as a raw image at its own offsets; sparse where the guest has zeros. Large blocks (ram0) are mapped by lazy restore |
- * | block-<n>.sums    | `TLCSUMS1`, be32 chunk size, be32 count, then count x 32-byte SHA-256 of each chunk (all-zero hash for an all-zero chunk) |
+ * | block-<n>.img.sums | `TLCSUMS1`, be32 chunk size, be32 count, then count x 32-byte SHA-256 of each chunk (all-zero hash for an all-zero chunk) |
  * | device.bin        | device state: every section after RAM, EOF and the VM description, verbatim |
+ *
+ * A manifest is hostile input (it may come from shared storage): `openManifest` (schema.ts)
+ * validates all of it before anything uses it, and only the file names above are accepted.
  */
 export const MANIFEST_MAGIC = 'tlc-checkpoint';
-export const MANIFEST_FORMAT_MAJOR = 1;
-export const MANIFEST_FORMAT_MINOR = 0;
 export const MANIFEST_FILE = 'manifest.json';
 export const CONFIG_FILE = 'config.bin';
 export const DEVICE_FILE = 'device.bin';
 export const SUMS_MAGIC = 'TLCSUMS1';
 export const SUMS_CHUNK_BYTES = 1024 * 1024;
+/** Target page size of every stream tlc reads (x86). */
+export const PAGE_SIZE = 4096;
+/** Largest RAM block a manifest may describe. */
+export const MAX_BLOCK_BYTES = 2 ** 40;
+
+/**
+ * Format policy. `formatVersion` is `[major, minor]`.
+ *
+ * - **Major** must equal `MANIFEST_FORMAT_MAJOR`. Any other major, older or newer, is refused with
+ *   a message naming the version this tlc reads: a major bump means old readers would misread it.
+ * - **Minor** bumps only add optional fields, which older readers may ignore. So a manifest with a
+ *   newer minor is accepted: its known fields are validated as usual and fields this tlc does not
+ *   know are ignored (they stay covered by the checksum and the signature). A manifest of this
+ *   minor or an older one must not hold unknown fields: one that does is refused as damaged.
+ *   (The VM spec inside and the metrics accept extra keys at every version: they are copied from
+ *   elsewhere and grow on their own.)
+ *
+ * History: 1.0 first format; 1.1 adds the optional `signature`.
+ */
+export const MANIFEST_FORMAT_MAJOR = 1;
+export const MANIFEST_FORMAT_MINOR = 1;
+
+/** How a manifest of format `[major, minor]` is read; throws E_CORRUPT for an unsupported one. */
+export function formatSupport(version: readonly [number, number], where: string): 'known' | 'newer-minor' {
+  const [major, minor] = version;
+  if (major !== MANIFEST_FORMAT_MAJOR) {
+    throw new TlcError(
+      'E_CORRUPT',
+      `${where}: checkpoint format ${major}.${minor} is not supported (this tlc reads ${MANIFEST_FORMAT_MAJOR}.x)`,
+    );
+  }
+  return minor > MANIFEST_FORMAT_MINOR ? 'newer-minor' : 'known';
+}
+
+/**
+ * The only file names a manifest may name: tlc's own, no directories, no `..`. The block index is
+ * the block's position in `blocks` (checked by the schema), so two blocks never share a file.
+ */
+export const IMAGE_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img$/;
+export const SUMS_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.sums$/;
+
+export function imageFileName(index: number): string {
+  return `block-${index}.img`;
+}
+
+export function sumsFileName(index: number): string {
+  return `${imageFileName(index)}.sums`;
+}
+
+export function isTlcFileName(name: string): boolean {
+  return name === DEVICE_FILE || name === CONFIG_FILE || IMAGE_FILE_RE.test(name) || SUMS_FILE_RE.test(name);
+}
+
+/** `dir/name` for one of tlc's own file names; refuses anything else (a manifest is hostile input). */
+export function checkpointFilePath(dir: string, name: string): string {
+  if (!isTlcFileName(name)) {
+    throw new TlcError('E_CORRUPT', `${dir}: "${name}" is not a tlc checkpoint file name`);
+  }
+  return path.join(dir, name);
+}
 
 export type CheckpointMode = 'live' | 'cow' | 'stop';
 
 export interface ManifestBlock {
   name: string;
   usedLength: number;
-  /** Image file inside the checkpoint directory. */
+  /** Image file inside the checkpoint directory: `block-<index>.img`. */
   file: string;
+  /** `block-<index>.img.sums`. */
   sumsFile: string;
   /** SHA-256 of the sums file, so a damaged sums file is caught too. */
   sumsSha256: string;
@@ -91,10 +155,13 @@ export interface Manifest {
   vmWasRunning: boolean;
   /** Workload progress the guest reported just before the checkpoint, for humans and tests. */
   guestHeartbeatSeqBefore?: number;
+  /** HMAC over the body (format 1.1); see sign.ts. Authenticity, where `checksum` is integrity only. */
+  signature?: ManifestSignature;
   checksum?: string;
 }
 
-function canonicalBody(m: Manifest): string {
+/** What `checksum` covers: the JSON of everything else, in the order written (signature included). */
+export function canonicalBody(m: Manifest): string {
   const { checksum: _ignored, ...body } = m;
   return JSON.stringify(body);
 }
@@ -103,34 +170,16 @@ export function sha256Hex(data: Uint8Array | string): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
-export function sealManifest(m: Manifest): string {
-  const sealed: Manifest = { ...m, checksum: sha256Hex(canonicalBody(m)) };
+/**
+ * The manifest file's text. The plain SHA-256 `checksum` is an integrity check only (anyone who
+ * can write the store can recompute it). With `key`, the manifest is also signed (HMAC, see
+ * sign.ts) and the signature replaces any earlier one. Without `key`, a `signature` already in `m`
+ * is kept as it is: resealing an edited signed manifest without the key leaves a MAC that no longer
+ * matches, which `checkSignature` refuses.
+ */
+export function sealManifest(m: Manifest, key?: Buffer): string {
+  const { checksum: _old, ...body } = m;
+  const signed: Manifest = key ? { ...body, signature: signManifest(body, key) } : body;
+  const sealed: Manifest = { ...signed, checksum: sha256Hex(canonicalBody(signed)) };
   return JSON.stringify(sealed, null, 2) + '\n';
-}
-
-/** Parses and checks a manifest; refuses a newer major format naming the one it supports. */
-export function openManifest(text: string, where: string): Manifest {
-  let m: Manifest;
-  try {
-    m = JSON.parse(text) as Manifest;
-  } catch {
-    throw new TlcError('E_CORRUPT', `${where}: manifest is not valid JSON`);
-  }
-  if (m?.magic !== MANIFEST_MAGIC || !Array.isArray(m.formatVersion)) {
-    throw new TlcError('E_CORRUPT', `${where}: not a tlc checkpoint manifest`);
-  }
-  const [major] = m.formatVersion;
-  if (major !== MANIFEST_FORMAT_MAJOR) {
-    throw new TlcError(
-      'E_CORRUPT',
-      `${where}: checkpoint format ${m.formatVersion.join('.')} is not supported (this tlc reads ${MANIFEST_FORMAT_MAJOR}.x)`,
-    );
-  }
-  if (m.checksum !== sha256Hex(canonicalBody(m))) {
-    throw new TlcError(
-      'E_CORRUPT',
-      `${where}: manifest checksum mismatch (the file was modified or damaged)`,
-    );
-  }
-  return m;
 }

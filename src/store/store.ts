@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { PersistError, StoreError, TlcError, isErrnoCode } from '../core/errors.js';
+import { PersistError, StoreError, TlcError, errorText, isErrnoCode } from '../core/errors.js';
 import { fsyncDir } from '../core/fsutil.js';
 import { PRIVATE_DIR_MODE, defaultStoreDir } from '../core/paths.js';
-import { MANIFEST_FILE, type Manifest, openManifest } from './manifest.js';
+import { MANIFEST_FILE, type Manifest } from './manifest.js';
+import { openManifest } from './schema.js';
 
 const STAGING_PREFIX = '.tmp-';
 
@@ -12,6 +13,11 @@ export interface StoredCheckpoint {
   id: string;
   dir: string;
   manifest: Manifest;
+}
+
+export interface RemovedCheckpoint {
+  id: string;
+  dir: string;
 }
 
 /**
@@ -92,43 +98,131 @@ export class CheckpointStore {
     return out.sort((a, b) => a.manifest.createdAt.localeCompare(b.manifest.createdAt));
   }
 
-  /** Finds a checkpoint by id, unique id prefix, or VM name (its newest checkpoint). */
-  resolve(ref: string, opts: { byVmName?: boolean } = { byVmName: true }): StoredCheckpoint {
-    const exact = path.join(this.dir, ref);
-    if (!ref.startsWith('.') && !ref.includes('/') && fs.existsSync(path.join(exact, MANIFEST_FILE))) {
+  /**
+   * Finds one checkpoint, in this order: its exact id; a VM name (that VM's newest checkpoint); a
+   * unique id prefix, where a checkpoint counts only if `ref` starts with its own VM name and `-`
+   * (so `web` or `web-2026` never picks a checkpoint of VM `web2`). An empty or ambiguous
+   * reference is an E_USAGE error.
+   */
+  resolve(ref: string): StoredCheckpoint {
+    if (ref === '') throw new TlcError('E_USAGE', 'Empty checkpoint reference (give an id or a VM name)');
+    const exact = this.exactDir(ref);
+    if (exact && fs.existsSync(path.join(exact, MANIFEST_FILE))) {
       return { id: ref, dir: exact, manifest: readManifest(exact) };
     }
     const all = this.list();
-    const byPrefix = all.filter((c) => c.id.startsWith(ref));
-    if (byPrefix.length === 1 && byPrefix[0]) return byPrefix[0];
-    const byVm = opts.byVmName ? all.filter((c) => c.manifest.vm.name === ref) : [];
-    const newest = byVm.at(-1);
-    if (newest) return newest;
-    if (byPrefix.length > 1)
+    const newestOfVm = all.filter((c) => c.manifest.vm.name === ref).at(-1);
+    if (newestOfVm) return newestOfVm;
+    const byPrefix = all.filter((c) => c.id.startsWith(ref) && ref.startsWith(`${c.manifest.vm.name}-`));
+    if (byPrefix.length > 1) {
       throw new TlcError('E_USAGE', `"${ref}" matches ${byPrefix.length} checkpoints; give more of the id`);
+    }
+    if (byPrefix[0]) return byPrefix[0];
     throw new TlcError('E_NOT_FOUND', `No checkpoint "${ref}" in ${this.dir} (see: tlc ls)`);
   }
 
-  remove(ref: string): StoredCheckpoint {
-    const found = this.resolve(ref, { byVmName: false });
-    // Rename first so a crash mid-delete never leaves a half-deleted checkpoint listed.
-    const doomed = path.join(this.dir, `${STAGING_PREFIX}rm-${found.id}-${process.pid}`);
-    fs.renameSync(found.dir, doomed);
+  /** The directory of the checkpoint with exactly this id (damaged or not); throws when none. */
+  private checkpointDir(id: string): string {
+    if (id === '') throw new TlcError('E_USAGE', 'Empty checkpoint id');
+    const dir = this.exactDir(id);
+    if (dir && fs.existsSync(path.join(dir, MANIFEST_FILE))) return dir;
+    const ofVm = this.list().filter((c) => c.manifest.vm.name === id).length;
+    const hint =
+      ofVm > 0
+        ? `; "${id}" is a VM with ${ofVm} checkpoint${ofVm > 1 ? 's' : ''}: tlc rm --all ${id} removes them`
+        : ' (rm takes exact ids; see: tlc ls)';
+    throw new TlcError('E_NOT_FOUND', `No checkpoint with id "${id}" in ${this.dir}${hint}`);
+  }
+
+  /** `<store>/<ref>` when `ref` can be a checkpoint directory's name (one component, not hidden). */
+  private exactDir(ref: string): string | undefined {
+    if (ref === '' || ref.startsWith('.') || ref.includes('/') || ref.includes('\0')) return undefined;
+    return path.join(this.dir, ref);
+  }
+
+  /**
+   * Removes exactly the checkpoint with id `id` (no prefix, no VM name). A checkpoint whose
+   * manifest is damaged can be removed too (it is not listed, but `tlc verify` names it).
+   */
+  remove(id: string): RemovedCheckpoint {
+    const dir = this.checkpointDir(id);
+    // Rename first so a crash mid-delete never leaves a half-deleted checkpoint listed; a later
+    // stage() sweeps the renamed directory if this process dies.
+    const doomed = path.join(this.dir, `${STAGING_PREFIX}rm-${id}-${process.pid}`);
+    try {
+      fs.renameSync(dir, doomed);
+    } catch (err) {
+      throw new PersistError('remove (rename)', dir, err);
+    }
     fs.rmSync(doomed, { recursive: true, force: true });
-    return found;
+    return { id, dir };
+  }
+
+  /**
+   * Removes exactly the checkpoints with these ids, or none: every id is checked before the first
+   * is removed, so a typo in one removes nothing.
+   */
+  removeIds(ids: readonly string[]): RemovedCheckpoint[] {
+    const unique = [...new Set(ids)];
+    for (const id of unique) this.checkpointDir(id);
+    return unique.map((id) => this.remove(id));
+  }
+
+  /** Removes every listed checkpoint of VM `vmName` (`tlc rm --all VM`), oldest first. */
+  removeAllOf(vmName: string): RemovedCheckpoint[] {
+    if (vmName === '') throw new TlcError('E_USAGE', 'Empty VM name');
+    const doomed = this.list().filter((c) => c.manifest.vm.name === vmName);
+    if (doomed.length === 0) {
+      throw new TlcError('E_NOT_FOUND', `No checkpoints of VM "${vmName}" in ${this.dir} (see: tlc ls)`);
+    }
+    return doomed.map((c) => this.remove(c.id));
   }
 }
 
+/** A manifest is a few KiB; anything much larger is not one (and is not read into memory). */
+const MAX_MANIFEST_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Reads and validates `<dir>/manifest.json` (see `openManifest`), and checks that it names the
+ * directory it is in. Only a regular file of bounded size is read (never a FIFO or a device).
+ */
 export function readManifest(dir: string): Manifest {
   const file = path.join(dir, MANIFEST_FILE);
   let text: string;
+  let fd: number;
   try {
-    text = fs.readFileSync(file, 'utf8');
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
   } catch (err) {
     if (isErrnoCode(err, 'ENOENT')) throw new StoreError('E_NOT_FOUND', `${dir} has no ${MANIFEST_FILE}`);
-    throw err;
+    throw new StoreError('E_STORE', `Cannot open ${file}: ${errorText(err)}`, { cause: err });
   }
-  return openManifest(text, file);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new StoreError('E_CORRUPT', `${file}: not a regular file`);
+    if (st.size > MAX_MANIFEST_BYTES) {
+      throw new StoreError('E_CORRUPT', `${file}: ${st.size} bytes, too large for a manifest`);
+    }
+    // One byte more than its size, so a file that grows while read is noticed, not half-read.
+    const buf = Buffer.allocUnsafe(st.size + 1);
+    let n = 0;
+    for (;;) {
+      const got = fs.readSync(fd, buf, n, buf.length - n, n);
+      if (got === 0) break;
+      n += got;
+      if (n === buf.length) throw new StoreError('E_CORRUPT', `${file}: changed while being read`);
+    }
+    text = buf.toString('utf8', 0, n);
+  } finally {
+    fs.closeSync(fd);
+  }
+  const m = openManifest(text, file);
+  if (m.id !== path.basename(dir)) {
+    throw new StoreError(
+      'E_CORRUPT',
+      `${file}: manifest is for checkpoint "${m.id}", not "${path.basename(dir)}"`,
+    );
+  }
+  return m;
 }
 
 function safeReaddir(dir: string): string[] {

@@ -1,5 +1,5 @@
 /*
- * Helpers shared by the tlc guest workloads (memverify, dirty, idle).
+ * Helpers shared by the tlc guest workloads (memverify, dirty, idle, diskverify).
  *
  * Every workload prints one line per write(2) to stdout, which /init wires to the
  * serial console. Lines are formatted into a stack buffer first so that a line is

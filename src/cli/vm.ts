@@ -1,12 +1,21 @@
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Command } from 'commander';
-import { TlcError } from '../core/errors.js';
+import { TlcError, errorText } from '../core/errors.js';
 import { parseAccel } from '../vm/accel.js';
 import { ConsoleTail } from '../vm/console.js';
-import { attachVm, killVm, startVm, stopVm, vmStatus } from '../vm/manager.js';
+import {
+  type ReadyCondition,
+  type VmStatus,
+  attachVm,
+  killVm,
+  startVm,
+  stopVm,
+  vmStatus,
+} from '../vm/manager.js';
 import { isAlive } from '../vm/process.js';
 import { listVms, loadVm, removeVm, vmState } from '../vm/registry.js';
+import { parseDiskArg } from '../vm/spec.js';
 import { formatMs, note, printJson, printTable } from './output.js';
 import { parseDuration, parsePositiveInt } from './units.js';
 
@@ -14,51 +23,121 @@ interface JsonFlag {
   json?: boolean;
 }
 
+interface StartFlags extends JsonFlag {
+  name: string;
+  mem: string;
+  cpus: string;
+  workload?: string;
+  disk: string[];
+  qemuArg: string[];
+  ready?: string;
+  wait: boolean;
+  accel: string;
+  machine: string;
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  bootTimeout: string;
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function readyFlags(o: StartFlags): { ready?: ReadyCondition } {
+  if (o.ready !== undefined && !o.wait)
+    throw new TlcError('E_USAGE', 'Give either --ready or --no-wait, not both');
+  if (!o.wait) return { ready: { kind: 'qemu' } };
+  if (o.ready === undefined) return {};
+  try {
+    return { ready: { kind: 'line', pattern: new RegExp(o.ready) } };
+  } catch (err) {
+    throw new TlcError('E_USAGE', `--ready ${o.ready}: not a regular expression (${errorText(err)})`);
+  }
+}
+
+function readyText(status: VmStatus, o: StartFlags): string {
+  if (o.ready !== undefined) return `console line /${o.ready}/`;
+  if (!o.wait || status.guest === 'custom') return 'QEMU running';
+  return 'first heartbeat';
+}
+
+/** The WORKLOAD column: the bundled guest's workload, `custom` or `(adopted)`. */
+function guestText(s: VmStatus): string {
+  if (s.guest === 'adopted') return '(adopted)';
+  return s.guest === 'custom' ? 'custom' : (s.workload ?? '-');
+}
+
 export function registerVmCommands(program: Command): void {
   const vm = program.command('vm').description('start, watch, attach to and stop QEMU virtual machines');
 
   vm.command('start')
-    .description('boot a VM (the bundled guest by default) and wait for its first heartbeat')
+    .description(
+      'boot a VM and wait until it is ready: the bundled guest by default (ready at its first ' +
+        'heartbeat), or your own kernel or disk (--kernel, --disk with --ready or --no-wait)',
+    )
     .requiredOption('--name <name>', 'VM name')
     .option('--mem <MiB>', 'guest RAM in MiB', '256')
     .option('--cpus <n>', 'vCPUs', '1')
     .option(
       '--workload <spec>',
-      'guest workload: memverify:<MiB>[:<rate>], dirty:<MiB>:<pattern>, idle',
-      'idle',
+      'bundled guest workload: memverify:<MiB>[:<rate>], dirty:<MiB>:<pattern>, idle, diskverify:<records> ' +
+        '(needs --disk), or diskverify:<records>+<memverify or dirty spec> (default: idle)',
     )
+    .option(
+      '--disk <path[,format=qcow2|raw][,readonly=on]>',
+      'virtio-blk disk image, repeatable (format probed when not given; ",," for a comma in the path)',
+      collect,
+      [] as string[],
+    )
+    .option(
+      '--qemu-arg <arg>',
+      'extra QEMU argument, repeatable, passed verbatim (e.g. --qemu-arg=-device)',
+      collect,
+      [] as string[],
+    )
+    .option('--ready <regex>', 'ready when a console line matches this (a guest other than the bundled one)')
+    .option('--no-wait', 'return as soon as QEMU runs (a guest other than the bundled one)')
     .option(
       '--accel <tcg|kvm|auto>',
       'accelerator; auto uses KVM only if a bounded probe boots a guest',
       'tcg',
     )
     .option('--machine <type>', 'QEMU machine type', 'pc')
-    .option('--kernel <path>', 'guest kernel (default: the bundled guest)')
+    .option('--kernel <path>', 'guest kernel (default: the bundled guest); without --workload a custom guest')
     .option('--initrd <path>', 'guest initrd')
-    .option('--append <line>', "kernel command line (default: the bundled guest's)")
-    .option('--boot-timeout <duration>', 'how long to wait for the first heartbeat', '120s')
+    .option(
+      '--append <line>',
+      "kernel command line (default: the bundled guest's; console=ttyS0 for --kernel)",
+    )
+    .option('--boot-timeout <duration>', 'how long to wait until the guest is ready', '120s')
     .option('--json', 'print the result as JSON')
-    .action(async (o: JsonFlag & Record<string, string>) => {
+    .action(async (o: StartFlags) => {
       const started = await startVm({
-        name: o.name as string,
-        memMiB: parsePositiveInt(o.mem as string, '--mem'),
-        cpus: parsePositiveInt(o.cpus as string, '--cpus'),
-        workload: o.workload as string,
-        accel: parseAccel(o.accel as string),
-        machine: o.machine as string,
+        name: o.name,
+        memMiB: parsePositiveInt(o.mem, '--mem'),
+        cpus: parsePositiveInt(o.cpus, '--cpus'),
+        ...(o.workload ? { workload: o.workload } : {}),
+        accel: parseAccel(o.accel),
+        machine: o.machine,
         ...(o.kernel ? { kernel: o.kernel } : {}),
         ...(o.initrd ? { initrd: o.initrd } : {}),
         ...(o.append ? { append: o.append } : {}),
-        bootTimeoutMs: parseDuration(o.bootTimeout as string, '--boot-timeout'),
+        disks: o.disk.map(parseDiskArg),
+        extraArgs: o.qemuArg,
+        ...readyFlags(o),
+        bootTimeoutMs: parseDuration(o.bootTimeout, '--boot-timeout'),
         log: note,
       });
       const status = await vmStatus(started.record);
       if (o.json)
         printJson({ ...status, bootMs: Math.round(started.bootMs), accelReason: started.accel.reason });
-      else
+      else {
+        const what = readyText(status, o);
         note(
-          `VM ${status.name} running (pid ${status.pid}, ${status.accel}), first heartbeat after ${formatMs(started.bootMs)}`,
+          `VM ${status.name} running (pid ${status.pid}, ${status.accel}), ${what} after ${formatMs(started.bootMs)}`,
         );
+      }
     });
 
   vm.command('attach')
@@ -81,14 +160,15 @@ export function registerVmCommands(program: Command): void {
       const statuses = await Promise.all(listVms().map((r) => vmStatus(r)));
       if (o.json) return printJson(statuses);
       printTable(
-        ['NAME', 'STATE', 'PID', 'ACCEL', 'MEM', 'WORKLOAD'],
+        ['NAME', 'STATE', 'PID', 'ACCEL', 'MEM', 'WORKLOAD', 'DISKS'],
         statuses.map((s) => [
           s.name,
           s.runState ? `${s.state}/${s.runState}` : s.state,
           s.pid ? String(s.pid) : '-',
           s.accel,
           `${s.memMiB}M`,
-          s.adopted ? '(adopted)' : (s.workload ?? '-'),
+          guestText(s),
+          s.disks ? String(s.disks.length) : '-',
         ]),
       );
     });
@@ -100,7 +180,12 @@ export function registerVmCommands(program: Command): void {
     .action(async (name: string, o: JsonFlag) => {
       const status = await vmStatus(loadVm(name));
       if (o.json) return printJson(status);
-      for (const [k, v] of Object.entries(status)) process.stdout.write(`${k.padEnd(13)} ${String(v)}\n`);
+      const { disks, ...rest } = status;
+      for (const [k, v] of Object.entries(rest)) process.stdout.write(`${k.padEnd(13)} ${String(v)}\n`);
+      for (const d of disks ?? []) {
+        const ro = d.readOnly ? ', read-only' : '';
+        process.stdout.write(`${'disk'.padEnd(13)} ${d.device} ${d.path} (${d.format}${ro})\n`);
+      }
       if (status.state !== 'running') process.exitCode = 3;
     });
 

@@ -11,7 +11,10 @@ import {
   defaultGuestCacheDir,
   formatWorkloadSpec,
   guestAppendLine,
+  moduleLoadOrder,
+  parseModinfo,
   parseWorkloadSpec,
+  workloadUsesDisk,
 } from './build.js';
 
 test('parses workload specs', () => {
@@ -22,6 +25,29 @@ test('parses workload specs', () => {
   assert.deepEqual(parseWorkloadSpec('dirty:1:stream'), { kind: 'dirty', mib: 1, pattern: 'stream' });
   assert.deepEqual(parseWorkloadSpec('dirty:32:hotcold'), { kind: 'dirty', mib: 32, pattern: 'hotcold' });
   assert.deepEqual(parseWorkloadSpec('idle'), { kind: 'idle' });
+  assert.deepEqual(parseWorkloadSpec('diskverify:0'), { kind: 'diskverify', records: 0 });
+  assert.deepEqual(parseWorkloadSpec('diskverify:500'), { kind: 'diskverify', records: 500 });
+});
+
+test('parses diskverify beside one memory workload, in either order', () => {
+  const combined = {
+    kind: 'combined',
+    disk: { kind: 'diskverify', records: 0 },
+    memory: { kind: 'memverify', mib: 32, rate: 0 },
+  };
+  assert.deepEqual(parseWorkloadSpec('diskverify:0+memverify:32'), combined);
+  assert.deepEqual(parseWorkloadSpec('memverify:32+diskverify:0'), combined);
+  assert.equal(
+    formatWorkloadSpec(parseWorkloadSpec('memverify:32+diskverify:00')),
+    'diskverify:0+memverify:32',
+  );
+  assert.equal(
+    formatWorkloadSpec(parseWorkloadSpec('diskverify:9+dirty:8:random')),
+    'diskverify:9+dirty:8:random',
+  );
+  assert.equal(workloadUsesDisk(parseWorkloadSpec('diskverify:0+memverify:32')), true);
+  assert.equal(workloadUsesDisk(parseWorkloadSpec('diskverify:1')), true);
+  assert.equal(workloadUsesDisk(parseWorkloadSpec('memverify:32')), false);
 });
 
 test('rejects bad workload specs with a usage error naming the spec', () => {
@@ -43,6 +69,16 @@ test('rejects bad workload specs with a usage error naming the spec', () => {
     'Idle',
     'busy',
     'memverify:64 quiet',
+    'diskverify',
+    'diskverify:',
+    'diskverify:x',
+    'diskverify:1:2',
+    'diskverify:0+',
+    '+diskverify:0',
+    'diskverify:0+diskverify:1',
+    'diskverify:0+idle',
+    'memverify:8+dirty:8:random',
+    'diskverify:0+memverify:8+dirty:8:random',
   ]) {
     assert.throws(
       () => parseWorkloadSpec(spec),
@@ -68,6 +104,63 @@ test('kernel command line puts the console on ttyS0 and ends with the workload',
   assert.ok(!params.some((p) => p.startsWith('root=')));
   assert.equal(guestAppendLine('idle').split(' ').at(-1), 'tlc.workload=idle');
   assert.throws(() => guestAppendLine('memverify:abc'), /Bad workload "memverify:abc"/);
+});
+
+/** A minimal ELF64 LE object: a null section, `.modinfo` holding `strings`, and `.shstrtab`. */
+function fakeModule(strings: string[]): Buffer {
+  const modinfo = Buffer.from(strings.map((x) => `${x}\0`).join(''));
+  const shstrtab = Buffer.from('\0.modinfo\0.shstrtab\0');
+  const header = Buffer.alloc(0x40);
+  header.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]);
+  const shoff = 0x40 + modinfo.length + shstrtab.length;
+  header.writeBigUInt64LE(BigInt(shoff), 0x28);
+  header.writeUInt16LE(0x40, 0x3a);
+  header.writeUInt16LE(3, 0x3c);
+  header.writeUInt16LE(2, 0x3e);
+  const sections = Buffer.alloc(3 * 0x40);
+  const put = (i: number, name: number, offset: number, size: number): void => {
+    sections.writeUInt32LE(name, i * 0x40);
+    sections.writeBigUInt64LE(BigInt(offset), i * 0x40 + 0x18);
+    sections.writeBigUInt64LE(BigInt(size), i * 0x40 + 0x20);
+  };
+  put(1, 1, 0x40, modinfo.length);
+  put(2, 10, 0x40 + modinfo.length, shstrtab.length);
+  return Buffer.concat([header, modinfo, shstrtab, sections]);
+}
+
+test("reads a kernel module's .modinfo and rejects what is not one", () => {
+  const info = parseModinfo(fakeModule(['license=GPL', 'depends=virtio,virtio_ring', 'name=virtio_blk']));
+  assert.equal(info.get('depends'), 'virtio,virtio_ring');
+  assert.equal(info.get('name'), 'virtio_blk');
+  assert.equal(parseModinfo(fakeModule(['depends='])).get('depends'), '');
+  const truncated = fakeModule(['depends=x']).subarray(0, 0x50);
+  for (const bad of [Buffer.from('not an elf file at all, but long enough for a header.......'), truncated]) {
+    assert.throws(
+      () => parseModinfo(bad, 'm.ko'),
+      (err: unknown) => err instanceof GuestBuildError,
+    );
+  }
+});
+
+test('orders modules after their dependencies and skips built-in ones', () => {
+  const deps: Record<string, string[] | null> = {
+    virtio_pci: ['virtio_ring', 'virtio_pci_modern_dev', 'virtio'],
+    virtio_blk: ['virtio', 'virtio_ring'],
+    virtio: ['virtio_ring'],
+    virtio_ring: [],
+    virtio_pci_modern_dev: [],
+    ext4: null,
+  };
+  assert.deepEqual(
+    moduleLoadOrder(['virtio_pci', 'virtio_blk', 'ext4'], (n) =>
+      n in deps ? (deps[n] as string[] | null) : [],
+    ),
+    ['virtio_ring', 'virtio_pci_modern_dev', 'virtio', 'virtio_pci', 'virtio_blk'],
+  );
+  assert.throws(
+    () => moduleLoadOrder(['a'], (n) => (n === 'a' ? ['b'] : ['a'])),
+    /module dependency cycle a -> b -> a/,
+  );
 });
 
 test('default cache dir honours TLC_GUEST_DIR, then XDG_CACHE_HOME, then ~/.cache', () => {

@@ -40,20 +40,56 @@ export interface BuildGuestOptions {
 
 export type DirtyPattern = 'random' | 'stream' | 'hotcold';
 
-export type WorkloadSpec =
+/** One guest program. */
+export type SingleWorkloadSpec =
   | { kind: 'memverify'; mib: number; rate: number }
   | { kind: 'dirty'; mib: number; pattern: DirtyPattern }
-  | { kind: 'idle' };
+  | { kind: 'idle' }
+  /** Appends `records` fsynced records to /mnt/records on /dev/vda (0: forever). */
+  | { kind: 'diskverify'; records: number };
+
+/**
+ * What the guest runs: one program, or diskverify beside one memory workload
+ * (`diskverify:0+memverify:32`), both at once.
+ */
+export type WorkloadSpec =
+  | SingleWorkloadSpec
+  | { kind: 'combined'; disk: { kind: 'diskverify'; records: number }; memory: MemoryWorkloadSpec };
+
+export type MemoryWorkloadSpec = Extract<SingleWorkloadSpec, { kind: 'memverify' | 'dirty' }>;
 
 /** Bump when the recipe below changes in a way that must invalidate cached images. */
-const RECIPE_VERSION = 'tlc-guest-recipe-1';
+const RECIPE_VERSION = 'tlc-guest-recipe-2';
 const KERNEL_METAPACKAGE = 'linux-image-cloud-amd64';
 const BUSYBOX_PACKAGE = 'busybox-static';
 /** Workload programs; each is built from guest/<name>.c into /bin/<name>. */
-const WORKLOADS = ['memverify', 'dirty', 'idle'] as const;
+const WORKLOADS = ['memverify', 'dirty', 'idle', 'diskverify'] as const;
 /** Busybox applets linked into /bin: the ones init.sh uses plus a few for poking around. */
-const APPLETS = ['sh', 'mount', 'cat', 'sleep', 'echo', 'ls', 'ps', 'dmesg', 'free', 'uname', 'poweroff'];
-/** Kernel features the guest relies on; all must be built in (the initramfs has no modules). */
+const APPLETS = [
+  'sh',
+  'mount',
+  'cat',
+  'sleep',
+  'echo',
+  'ls',
+  'ps',
+  'dmesg',
+  'free',
+  'uname',
+  'poweroff',
+  'insmod',
+  'umount',
+  'sync',
+];
+/**
+ * Kernel modules the guest needs for a virtio-blk disk with ext4 on it. Those the kernel builds
+ * in are skipped; the others go into the initramfs with their dependencies (from each module's
+ * .modinfo), and init.sh loads them in order when the VM has a virtio device. In Debian 12's
+ * cloud kernel virtio, virtio_ring, virtio_pci(_modern_dev, _legacy_dev) and virtio_blk are
+ * modules, ext4 (with jbd2, mbcache, crc16, crc32c) is built in.
+ */
+const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'ext4'] as const;
+/** Kernel features the guest relies on before init.sh can load modules: all must be built in. */
 const REQUIRED_KERNEL_CONFIG = [
   'CONFIG_BLK_DEV_INITRD',
   'CONFIG_RD_GZIP',
@@ -67,11 +103,14 @@ const REQUIRED_KERNEL_CONFIG = [
 ];
 const MAX_MIB = 1024 * 1024;
 const MAX_RATE = 1_000_000_000;
+const MAX_RECORDS = 1_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Workload specs and the kernel command line
 
-const SPEC_USAGE = 'expected memverify:<MiB>[:<rate>], dirty:<MiB>:<random|stream|hotcold> or idle';
+const SPEC_USAGE =
+  'expected memverify:<MiB>[:<rate>], dirty:<MiB>:<random|stream|hotcold>, idle, diskverify:<records>, ' +
+  'or diskverify:<records>+<memverify or dirty spec>';
 
 function parseCount(spec: string, what: string, text: string | undefined, min: number, max: number): number {
   if (text === undefined || !/^\d+$/.test(text)) {
@@ -84,9 +123,8 @@ function parseCount(spec: string, what: string, text: string | undefined, min: n
   return n;
 }
 
-/** Parses a guest workload spec such as `memverify:64`, `memverify:64:1000`, `dirty:64:random`, `idle`. */
-export function parseWorkloadSpec(spec: string): WorkloadSpec {
-  const parts = spec.split(':');
+function parseSingle(spec: string, part: string): SingleWorkloadSpec {
+  const parts = part.split(':');
   switch (parts[0]) {
     case 'memverify': {
       if (parts.length !== 2 && parts.length !== 3) break;
@@ -103,11 +141,32 @@ export function parseWorkloadSpec(spec: string): WorkloadSpec {
       }
       return { kind: 'dirty', mib, pattern };
     }
+    case 'diskverify':
+      if (parts.length !== 2) break;
+      return { kind: 'diskverify', records: parseCount(spec, 'records', parts[1], 0, MAX_RECORDS) };
     case 'idle':
       if (parts.length === 1) return { kind: 'idle' };
       break;
   }
   throw new UsageError(`Bad workload "${spec}": ${SPEC_USAGE}`);
+}
+
+/**
+ * Parses a guest workload spec such as `memverify:64`, `memverify:64:1000`, `dirty:64:random`,
+ * `idle`, `diskverify:0` or `diskverify:0+memverify:32` (in either order).
+ */
+export function parseWorkloadSpec(spec: string): WorkloadSpec {
+  const parts = spec.split('+');
+  if (parts.length === 1) return parseSingle(spec, spec);
+  const singles = parts.map((p) => parseSingle(spec, p));
+  const disk = singles.filter((w) => w.kind === 'diskverify');
+  const memory = singles.filter((w): w is MemoryWorkloadSpec => w.kind === 'memverify' || w.kind === 'dirty');
+  if (singles.length !== 2 || disk.length !== 1 || memory.length !== 1 || !disk[0] || !memory[0]) {
+    throw new UsageError(
+      `Bad workload "${spec}": '+' joins diskverify:<records> with one memverify or dirty workload`,
+    );
+  }
+  return { kind: 'combined', disk: disk[0], memory: memory[0] };
 }
 
 /** The canonical text of a spec (what /init prints in its boot line). */
@@ -119,7 +178,16 @@ export function formatWorkloadSpec(spec: WorkloadSpec): string {
       return `dirty:${spec.mib}:${spec.pattern}`;
     case 'idle':
       return 'idle';
+    case 'diskverify':
+      return `diskverify:${spec.records}`;
+    case 'combined':
+      return `${formatWorkloadSpec(spec.disk)}+${formatWorkloadSpec(spec.memory)}`;
   }
+}
+
+/** Whether the workload reads and writes the VM's first disk (/dev/vda). */
+export function workloadUsesDisk(spec: WorkloadSpec): boolean {
+  return spec.kind === 'diskverify' || spec.kind === 'combined';
 }
 
 /**
@@ -203,7 +271,9 @@ async function readSources(dir: string): Promise<Sources> {
   if (!names.includes('init.sh'))
     throw new GuestBuildError(`Cannot build guest: ${join(dir, 'init.sh')} is missing`);
   const files = new Map<string, Buffer>();
-  const h = createHash('sha256').update(`${RECIPE_VERSION}\n${APPLETS.join(',')}\n`);
+  const h = createHash('sha256').update(
+    `${RECIPE_VERSION}\n${APPLETS.join(',')}\n${GUEST_MODULES.join(',')}\n`,
+  );
   for (const name of names) {
     const data = await readFile(join(dir, name));
     files.set(name, data);
@@ -214,6 +284,8 @@ async function readSources(dir: string): Promise<Sources> {
 
 interface Manifest {
   kernelVersion: string;
+  /** Kernel modules in the initramfs, in load order. */
+  modules: string[];
   kernelPackage: string;
   busyboxPackage: string;
   sourceHash: string;
@@ -405,6 +477,148 @@ async function extractKernel(root: string): Promise<{ vmlinuz: Buffer; version: 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Kernel modules
+
+/**
+ * ELF64 little-endian fields needed to find a section (System V ABI, `elf.h`): the file header's
+ * section header table offset, entry size, count and the index of the section name table, and
+ * in each section header its name offset, file offset and size.
+ */
+const ELF = {
+  MAGIC: Buffer.from([0x7f, 0x45, 0x4c, 0x46]),
+  EI_CLASS: 4,
+  ELFCLASS64: 2,
+  EI_DATA: 5,
+  ELFDATA2LSB: 1,
+  E_SHOFF: 0x28,
+  E_SHENTSIZE: 0x3a,
+  E_SHNUM: 0x3c,
+  E_SHSTRNDX: 0x3e,
+  SH_NAME: 0x00,
+  SH_OFFSET: 0x18,
+  SH_SIZE: 0x20,
+  SHDR_MIN_SIZE: 0x40,
+} as const;
+
+/** The `key=value` strings of a kernel module's `.modinfo` section (`depends`, `name`, ...). */
+export function parseModinfo(elf: Buffer, where = 'module'): Map<string, string> {
+  const fail = (why: string): never => {
+    throw new GuestBuildError(`Cannot build guest: ${where} is not a usable kernel module: ${why}`);
+  };
+  if (elf.length < 0x40 || !elf.subarray(0, 4).equals(ELF.MAGIC)) fail('no ELF header');
+  if (elf[ELF.EI_CLASS] !== ELF.ELFCLASS64 || elf[ELF.EI_DATA] !== ELF.ELFDATA2LSB) fail('not ELF64 LE');
+  const shoff = Number(elf.readBigUInt64LE(ELF.E_SHOFF));
+  const shentsize = elf.readUInt16LE(ELF.E_SHENTSIZE);
+  const shnum = elf.readUInt16LE(ELF.E_SHNUM);
+  const shstrndx = elf.readUInt16LE(ELF.E_SHSTRNDX);
+  if (shentsize < ELF.SHDR_MIN_SIZE || shoff + shnum * shentsize > elf.length || shstrndx >= shnum) {
+    fail(`section header table out of bounds (offset ${shoff}, ${shnum} x ${shentsize})`);
+  }
+  const section = (i: number): { name: number; data: Buffer } => {
+    const at = shoff + i * shentsize;
+    const offset = Number(elf.readBigUInt64LE(at + ELF.SH_OFFSET));
+    const size = Number(elf.readBigUInt64LE(at + ELF.SH_SIZE));
+    if (offset + size > elf.length) fail(`section ${i} out of bounds (offset ${offset}, size ${size})`);
+    return { name: elf.readUInt32LE(at + ELF.SH_NAME), data: elf.subarray(offset, offset + size) };
+  };
+  const names = section(shstrndx).data;
+  for (let i = 0; i < shnum; i++) {
+    const { name, data } = section(i);
+    const end = names.indexOf(0, name);
+    if (names.toString('latin1', name, end < 0 ? names.length : end) !== '.modinfo') continue;
+    const info = new Map<string, string>();
+    for (const entry of data.toString('latin1').split('\0')) {
+      const eq = entry.indexOf('=');
+      if (eq > 0 && !info.has(entry.slice(0, eq))) info.set(entry.slice(0, eq), entry.slice(eq + 1));
+    }
+    return info;
+  }
+  return fail('no .modinfo section');
+}
+
+/**
+ * Load order for `roots` and everything they depend on, dependencies first. `dependsOf` returns a
+ * module's dependencies, or null when the kernel has it built in (nothing to load).
+ */
+export function moduleLoadOrder(
+  roots: readonly string[],
+  dependsOf: (name: string) => string[] | null,
+): string[] {
+  const order: string[] = [];
+  const state = new Map<string, 'visiting' | 'done'>();
+  const visit = (name: string, path: string[]): void => {
+    if (state.get(name) === 'done') return;
+    if (state.get(name) === 'visiting') {
+      throw new GuestBuildError(
+        `Cannot build guest: module dependency cycle ${[...path, name].join(' -> ')}`,
+      );
+    }
+    const deps = dependsOf(name);
+    if (deps === null) {
+      state.set(name, 'done');
+      return;
+    }
+    state.set(name, 'visiting');
+    for (const dep of deps) visit(dep, [...path, name]);
+    state.set(name, 'done');
+    order.push(name);
+  };
+  for (const root of roots) visit(root, []);
+  return order;
+}
+
+/** `kernel/drivers/block/virtio_blk.ko` → `virtio_blk` (module names use '_' for '-'). */
+function moduleName(file: string): string {
+  return basename(file)
+    .replace(/\.ko(\.[a-z]+)?$/, '')
+    .replace(/-/g, '_');
+}
+
+interface GuestModule {
+  name: string;
+  data: Buffer;
+}
+
+/** The modules of GUEST_MODULES the kernel package does not build in, with their dependencies. */
+async function collectModules(kernelRoot: string, version: string): Promise<GuestModule[]> {
+  const dir = join(kernelRoot, 'lib', 'modules', version);
+  const builtinText = await readFile(join(dir, 'modules.builtin'), 'utf8').catch(() => '');
+  const builtin = new Set(builtinText.split('\n').filter(Boolean).map(moduleName));
+  const files = new Map<string, string>();
+  const listed = await readdir(join(dir, 'kernel'), { recursive: true }).catch(() => [] as string[]);
+  for (const rel of listed)
+    if (/\.ko(\.[a-z]+)?$/.test(rel)) files.set(moduleName(rel), join(dir, 'kernel', rel));
+  const data = new Map<string, Buffer>();
+  const depends = new Map<string, string[]>();
+  // Read every module reachable from the roots first: moduleLoadOrder is synchronous.
+  const pending: string[] = [...GUEST_MODULES];
+  while (pending.length > 0) {
+    const name = pending.pop() as string;
+    if (builtin.has(name) || data.has(name)) continue;
+    const file = files.get(name);
+    if (!file) {
+      throw new GuestBuildError(
+        `Cannot build guest: kernel ${version} has neither built in nor a module ${name}`,
+      );
+    }
+    if (!file.endsWith('.ko')) {
+      throw new GuestBuildError(
+        `Cannot build guest: ${file} is compressed; busybox insmod needs plain .ko files`,
+      );
+    }
+    const elf = await readFile(file);
+    const deps = (parseModinfo(elf, file).get('depends') ?? '').split(',').filter(Boolean);
+    data.set(name, elf);
+    depends.set(name, deps);
+    pending.push(...deps);
+  }
+  const order = moduleLoadOrder(GUEST_MODULES, (name) =>
+    builtin.has(name) ? null : (depends.get(name) ?? []),
+  );
+  return order.map((name) => ({ name, data: data.get(name) as Buffer }));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Build
 
 async function compileWorkloads(
@@ -424,7 +638,12 @@ async function compileWorkloads(
   return bins;
 }
 
-function buildInitramfs(init: Buffer, busybox: Buffer, bins: Map<string, Buffer>): Buffer {
+function buildInitramfs(
+  init: Buffer,
+  busybox: Buffer,
+  bins: Map<string, Buffer>,
+  modules: GuestModule[],
+): Buffer {
   const entries: CpioEntry[] = [
     { type: 'dir', path: 'bin' },
     { type: 'dir', path: 'dev' },
@@ -433,11 +652,21 @@ function buildInitramfs(init: Buffer, busybox: Buffer, bins: Map<string, Buffer>
     { type: 'dir', path: 'proc' },
     { type: 'dir', path: 'sys' },
     { type: 'dir', path: 'tmp', mode: 0o1777 },
+    { type: 'dir', path: 'mnt' },
     { type: 'file', path: 'init', data: init, mode: 0o755 },
     { type: 'file', path: 'bin/busybox', data: busybox, mode: 0o755 },
     ...APPLETS.map((a): CpioEntry => ({ type: 'symlink', path: `bin/${a}`, target: 'busybox' })),
     ...[...bins].map(([name, data]): CpioEntry => ({ type: 'file', path: `bin/${name}`, data, mode: 0o755 })),
   ];
+  if (modules.length > 0) {
+    const order = Buffer.from(modules.map((m) => `${m.name}\n`).join(''));
+    entries.push(
+      { type: 'dir', path: 'lib' },
+      { type: 'dir', path: 'lib/modules' },
+      ...modules.map((m): CpioEntry => ({ type: 'file', path: `lib/modules/${m.name}.ko`, data: m.data })),
+      { type: 'file', path: 'lib/modules/load.order', data: order },
+    );
+  }
   return gzipSync(newcArchive(entries), { level: 9 });
 }
 
@@ -493,7 +722,9 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
   const work = await mkdtemp(join(cacheDir, '.build-'));
   try {
     log(`guest: downloading ${pkgs.kernel.name} ${pkgs.kernel.version}`);
-    const kernel = await extractKernel(await fetchPackage(pkgs.kernel, work));
+    const kernelRoot = await fetchPackage(pkgs.kernel, work);
+    const kernel = await extractKernel(kernelRoot);
+    const modules = await collectModules(kernelRoot, kernel.version);
     log(`guest: downloading ${pkgs.busybox.name} ${pkgs.busybox.version}`);
     const busyboxRoot = await fetchPackage(pkgs.busybox, work);
     const busybox = await readFile(join(busyboxRoot, 'bin', 'busybox')).catch((err: unknown) => {
@@ -504,7 +735,7 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
     await mkdir(binDir);
     const bins = await compileWorkloads(sources, binDir, log);
     const init = sources.files.get('init.sh') ?? Buffer.alloc(0);
-    const initrd = buildInitramfs(init, busybox, bins);
+    const initrd = buildInitramfs(init, busybox, bins, modules);
 
     const stage = join(work, 'image');
     await mkdir(stage);
@@ -512,6 +743,7 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
     await writeFile(join(stage, 'initrd.gz'), initrd);
     const manifest: Manifest = {
       kernelVersion: kernel.version,
+      modules: modules.map((m) => m.name),
       kernelPackage: `${pkgs.kernel.name}=${pkgs.kernel.version}`,
       busyboxPackage: `${pkgs.busybox.name}=${pkgs.busybox.version}`,
       sourceHash: sources.hash,
@@ -522,7 +754,8 @@ export async function buildGuest(opts: BuildGuestOptions): Promise<GuestImage> {
     await writeFileAtomic(pointerPath, JSON.stringify({ image: key } satisfies Pointer));
     const image = await loadImage(imageDir);
     if (!image) throw new GuestBuildError(`Cannot build guest: ${imageDir} is incomplete after install`);
-    log(`guest: built ${imageDir} (kernel ${image.kernelVersion}, initrd ${initrd.length} bytes)`);
+    const loaded = modules.length ? `, modules ${modules.map((m) => m.name).join(' ')}` : '';
+    log(`guest: built ${imageDir} (kernel ${image.kernelVersion}${loaded}, initrd ${initrd.length} bytes)`);
     return image;
   } finally {
     await rm(work, { recursive: true, force: true });

@@ -1,7 +1,15 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { BOOT_OK_PREFIX, parseCorruption, parseHeartbeat, scanConsole } from './heartbeat.js';
+import {
+  BOOT_OK_PREFIX,
+  parseCorruption,
+  parseDiskTornTail,
+  parseDiskVerdict,
+  parseHeartbeat,
+  scanConsole,
+} from './heartbeat.js';
+import { continuationProblems } from './observe.js';
 
 test('parses a memverify heartbeat', () => {
   assert.deepEqual(
@@ -85,5 +93,70 @@ test('scans a console log, ignoring an incomplete last line', () => {
 });
 
 test('scans an empty log', () => {
-  assert.deepEqual(scanConsole(''), { boots: 0, heartbeats: [], corruptions: [], workloadExits: [] });
+  assert.deepEqual(scanConsole(''), {
+    boots: 0,
+    heartbeats: [],
+    corruptions: [],
+    workloadExits: [],
+    diskVerdicts: [],
+    diskTornTails: [],
+  });
+});
+
+test('parses diskverify synced lines as heartbeats, and its verdicts', () => {
+  assert.deepEqual(parseHeartbeat('diskverify: synced seq=296 fsync_us=14060 maxstall_us=6786\r'), {
+    kind: 'diskverify',
+    seq: 296,
+    fsyncUs: 14060,
+    maxStallUs: 6786,
+  });
+  assert.equal(parseHeartbeat('diskverify: synced seq=296 fsync_us=14060'), null);
+  assert.deepEqual(parseDiskVerdict('diskverify: verify ok records=296\r'), { ok: true, records: 296 });
+  assert.deepEqual(
+    parseDiskVerdict('diskverify: verify FAILED record=17 reason=checksum valid=16 records=40'),
+    {
+      ok: false,
+      record: 17,
+      reason: 'checksum',
+      valid: 16,
+      records: 40,
+    },
+  );
+  assert.equal(
+    parseDiskVerdict('diskverify: verify FAILED record=17 reason=gremlins valid=16 records=40'),
+    null,
+  );
+  assert.deepEqual(
+    parseDiskTornTail('diskverify: torn tail truncated record=301 dropped=2 bytes=700 reason=partial'),
+    {
+      record: 301,
+      dropped: 2,
+      bytes: 700,
+      reason: 'partial',
+    },
+  );
+});
+
+test("checks a combined guest's memory and disk heartbeats each on their own", () => {
+  const log = (lines: string[]): string => lines.map((l) => `${l}\r\n`).join('');
+  const fine = scanConsole(
+    log([
+      'memverify: heartbeat seq=7 pages=70 digest=0000000000000007 maxstall_us=5 corrupt=0',
+      'diskverify: synced seq=48 fsync_us=900 maxstall_us=40',
+      'memverify: heartbeat seq=8 pages=80 digest=0000000000000008 maxstall_us=5 corrupt=0',
+      'diskverify: synced seq=56 fsync_us=900 maxstall_us=40',
+    ]),
+  );
+  assert.deepEqual(continuationProblems(fine, 7), []);
+  const bad = scanConsole(
+    log([
+      'diskverify: synced seq=56 fsync_us=900 maxstall_us=40',
+      'diskverify: synced seq=48 fsync_us=900 maxstall_us=40',
+      'diskverify: verify FAILED record=17 reason=chain valid=16 records=40',
+    ]),
+  );
+  assert.deepEqual(continuationProblems(bad, undefined), [
+    'diskverify synced seq went from 56 back to 48',
+    'diskverify: record 17 is bad (chain) after 16 good ones',
+  ]);
 });

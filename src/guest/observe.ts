@@ -9,24 +9,34 @@ export async function observeGuest(consoleLog: string, ms: number): Promise<Cons
 }
 
 /**
- * Did a restored guest continue rather than reboot, with its memory intact? `seqBefore` is the
- * newest heartbeat seen before the checkpoint was taken.
+ * Did a restored guest continue rather than reboot, with its memory (and disk) intact? `seqBefore`
+ * is the newest memory-workload heartbeat seen before the checkpoint was taken. Heartbeats are
+ * checked per workload: memverify/dirty/idle count up by one, diskverify's synced record numbers
+ * only grow (a combined guest interleaves both).
  */
 export function continuationProblems(scan: ConsoleScan, seqBefore: number | undefined): string[] {
   const problems: string[] = [];
   if (scan.boots > 0) problems.push(`guest booted again (${scan.boots} boot line(s)) instead of continuing`);
   if (scan.heartbeats.length === 0) problems.push('no heartbeat after the restore');
-  const first = scan.heartbeats[0];
+  const memory = scan.heartbeats.filter((h) => h.kind !== 'diskverify');
+  const disk = scan.heartbeats.filter((h) => h.kind === 'diskverify');
+  const first = memory[0];
   if (first && seqBefore !== undefined && first.seq < seqBefore) {
     problems.push(
       `heartbeat sequence went back: first seq ${first.seq} after restore, ${seqBefore} before the checkpoint`,
     );
   }
-  for (let i = 1; i < scan.heartbeats.length; i++) {
-    const prev = scan.heartbeats[i - 1];
-    const cur = scan.heartbeats[i];
+  for (let i = 1; i < memory.length; i++) {
+    const prev = memory[i - 1];
+    const cur = memory[i];
     if (prev && cur && cur.seq !== prev.seq + 1)
       problems.push(`heartbeat seq jumped from ${prev.seq} to ${cur.seq}`);
+  }
+  for (let i = 1; i < disk.length; i++) {
+    const prev = disk[i - 1];
+    const cur = disk[i];
+    if (prev && cur && cur.seq <= prev.seq)
+      problems.push(`diskverify synced seq went from ${prev.seq} back to ${cur.seq}`);
   }
   if (scan.corruptions.length > 0) {
     const c = scan.corruptions[0];
@@ -34,8 +44,12 @@ export function continuationProblems(scan: ConsoleScan, seqBefore: number | unde
       `memverify found ${scan.corruptions.length} corrupt page(s), first: page ${c?.page} offset ${c?.offset}`,
     );
   }
-  const lastCorrupt = scan.heartbeats.at(-1);
+  const lastCorrupt = memory.at(-1);
   if (lastCorrupt?.kind === 'memverify' && lastCorrupt.corrupt > 0)
     problems.push(`memverify counts ${lastCorrupt.corrupt} corruptions`);
+  for (const v of scan.diskVerdicts) {
+    if (!v.ok)
+      problems.push(`diskverify: record ${v.record} is bad (${v.reason}) after ${v.valid} good ones`);
+  }
   return problems;
 }

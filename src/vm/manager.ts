@@ -1,8 +1,17 @@
+import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TlcError, VmError } from '../core/errors.js';
-import { buildGuest, defaultGuestCacheDir, guestAppendLine, parseWorkloadSpec } from '../guest/build.js';
-import { BOOT_OK_PREFIX } from '../guest/heartbeat.js';
+import { promisify } from 'node:util';
+import { TlcError, VmError, errorText } from '../core/errors.js';
+import {
+  buildGuest,
+  defaultGuestCacheDir,
+  formatWorkloadSpec,
+  guestAppendLine,
+  parseWorkloadSpec,
+  workloadUsesDisk,
+} from '../guest/build.js';
+import { BOOT_OK_PREFIX, WORKLOAD_EXIT_PREFIX, parseDiskVerdict } from '../guest/heartbeat.js';
 import { QmpClient } from '../qmp/client.js';
 import type { StatusInfo } from '../qmp/types.js';
 import { type AccelChoice, type AccelRequest, chooseAccel } from './accel.js';
@@ -11,21 +20,50 @@ import { deathCheck, launchQemu } from './launch.js';
 import { identify, isAlive, kill, readCmdline, terminate, waitExit } from './process.js';
 import { findQemu, resolveMachine } from './qemu.js';
 import { type VmRecord, claimVmName, loadVm, runtimePaths, saveVm, vmDir, vmState } from './registry.js';
-import { type LaunchArgs, type MemoryBackend, type VmSpec, validateVmName } from './spec.js';
+import {
+  DISK_FORMATS,
+  type DiskFormat,
+  type DiskRequest,
+  type LaunchArgs,
+  type MemoryBackend,
+  type VmDisk,
+  type VmSpec,
+  diskNames,
+  qemuOptionValue,
+  validateVmName,
+} from './spec.js';
 
 export type Log = (line: string) => void;
 export const BUNDLED_GUEST_MIN_MIB = 80;
 const quiet: Log = () => undefined;
 
-/** A console line that shows the bundled guest's workload is running. */
+const run = promisify(execFile);
+
+/**
+ * A console line that shows the bundled guest's workload is running: a memverify/dirty/idle
+ * heartbeat or a diskverify `synced` line (see src/guest/heartbeat.ts).
+ */
 export function isHeartbeatLine(line: string): boolean {
-  return / heartbeat seq=\d+/.test(line);
+  return / heartbeat seq=\d+|(?:^|\s)diskverify: synced seq=\d+/.test(line);
 }
+
+/** What `startVm` waits for before it returns. */
+export type ReadyCondition =
+  /** The bundled guest's first heartbeat (after a passed disk verification, for diskverify). */
+  | { kind: 'heartbeat' }
+  /** A console line matching `pattern` (`--ready REGEX`). */
+  | { kind: 'line'; pattern: RegExp }
+  /** Only that QEMU runs (`--no-wait`). */
+  | { kind: 'qemu' };
 
 export interface StartVmOptions {
   name: string;
   memMiB: number;
   cpus?: number;
+  /**
+   * Workload of the bundled guest. Without it, a VM given `kernel` or `ready` runs a custom guest
+   * (the user's kernel, or a firmware boot from its disks); otherwise the bundled guest runs `idle`.
+   */
   workload?: string;
   accel?: AccelRequest;
   machine?: string;
@@ -33,6 +71,10 @@ export interface StartVmOptions {
   initrd?: string;
   append?: string;
   extraArgs?: string[];
+  /** virtio-blk disks, in order: the first is /dev/vda in a Linux guest. */
+  disks?: DiskRequest[];
+  /** Default: the first heartbeat for the bundled guest, QEMU running for a custom guest. */
+  ready?: ReadyCondition;
   /** Guest RAM backing; default anonymous RAM. A shared file lets tests inspect guest memory. */
   memory?: MemoryBackend;
   bootTimeoutMs?: number;
@@ -42,22 +84,121 @@ export interface StartVmOptions {
 export interface StartedVm {
   record: VmRecord;
   accel: AccelChoice;
-  /** ms from QEMU spawn until the first heartbeat on the console. */
+  /** ms from QEMU spawn until the VM was ready (first heartbeat, the `ready` line, or QMP up). */
   bootMs: number;
+}
+
+/** The `qemu-img` beside the QEMU binary when there is one, else from PATH. */
+function qemuImgBinary(qemuBinary: string): string {
+  const beside = path.join(path.dirname(qemuBinary), 'qemu-img');
+  return qemuBinary.includes('/') && fs.existsSync(beside) ? beside : 'qemu-img';
+}
+
+/**
+ * Checks the disks a VM is to start with and names their nodes: each must be an existing image
+ * file that no other process has open for writing (qemu-img takes the same locks QEMU does), of
+ * a format tlc handles (probed with `qemu-img info` when not given).
+ */
+export async function resolveDisks(requests: DiskRequest[], qemuBinary: string, log: Log): Promise<VmDisk[]> {
+  const disks: VmDisk[] = [];
+  const seen = new Set<string>();
+  for (const [index, request] of requests.entries()) {
+    const file = path.resolve(request.path);
+    const flag = `--disk ${request.path}`;
+    qemuOptionValue(file, 'disk image');
+    if (!fs.existsSync(file)) throw new VmError('E_VM_START', `${flag}: no such file`);
+    const real = fs.realpathSync(file);
+    if (!fs.statSync(real).isFile()) throw new VmError('E_VM_START', `${flag}: not a regular file`);
+    if (seen.has(real)) throw new VmError('E_VM_START', `${flag}: the same image is given twice`);
+    seen.add(real);
+    const probed = await probeImageFormat(qemuImgBinary(qemuBinary), file, flag);
+    let format: DiskFormat;
+    if (!request.format) {
+      if (!DISK_FORMATS.includes(probed as DiskFormat)) {
+        throw new VmError('E_VM_START', `${flag}: format ${probed} is not supported (use qcow2 or raw)`);
+      }
+      format = probed as DiskFormat;
+    } else {
+      format = request.format;
+      if (format === 'qcow2' && probed !== 'qcow2') {
+        throw new VmError('E_VM_START', `${flag}: format=qcow2 given, but the file is ${probed}`);
+      }
+      if (format === 'raw' && probed !== 'raw') log(`${flag}: a ${probed} image used as raw, as asked`);
+    }
+    disks.push({ path: file, format, ...diskNames(index), ...(request.readOnly ? { readOnly: true } : {}) });
+  }
+  return disks;
+}
+
+/** The image's format as `qemu-img info` probes it (it takes the locks QEMU would take to read). */
+async function probeImageFormat(qemuImg: string, file: string, flag: string): Promise<string> {
+  let stdout: string;
+  try {
+    ({ stdout } = await run(qemuImg, ['info', '--output=json', file], {
+      timeout: 30_000,
+      env: { ...process.env, LC_ALL: 'C' },
+    }));
+  } catch (err) {
+    const e = err as { stderr?: string; code?: unknown };
+    if (e.code === 'ENOENT') {
+      throw new VmError(
+        'E_VM_START',
+        `${flag}: cannot run ${qemuImg} (install it with: apt-get install qemu-utils)`,
+      );
+    }
+    const why = (e.stderr ?? '').trim().replace(/\s*\n\s*/g, ' ') || errorText(err);
+    if (/lock|another process/i.test(why)) {
+      throw new VmError('E_VM_START', `${flag}: the image is in use by another process (${why})`);
+    }
+    throw new VmError('E_VM_START', `${flag}: ${qemuImg} cannot read it: ${why}`, { cause: err });
+  }
+  const info = JSON.parse(stdout) as { format?: unknown };
+  return typeof info.format === 'string' ? info.format : 'unknown';
+}
+
+/**
+ * Readiness of the bundled guest: its first heartbeat. It fails at once, instead of at the
+ * timeout, when the workload exits or diskverify rejects the disk (the VM is then stopped and the
+ * console log kept). With diskverify, the verdict must come first: a memverify heartbeat beside
+ * it does not count until the disk was found good.
+ */
+function bundledGuestReady(name: string, workload: string): (line: string) => boolean {
+  let diskVerified = !workloadUsesDisk(parseWorkloadSpec(workload));
+  return (line) => {
+    const verdict = parseDiskVerdict(line);
+    if (verdict && !verdict.ok) {
+      throw new VmError(
+        'E_VM_START',
+        `Guest "${name}" found its disk damaged: record ${verdict.record} is bad (${verdict.reason}) ` +
+          `after ${verdict.valid} good records of ${verdict.records}`,
+      );
+    }
+    if (verdict) diskVerified = true;
+    if (line.includes(WORKLOAD_EXIT_PREFIX)) {
+      throw new VmError('E_VM_START', `Guest "${name}": ${line.slice(line.indexOf(WORKLOAD_EXIT_PREFIX))}`);
+    }
+    return diskVerified && isHeartbeatLine(line);
+  };
 }
 
 export function qemuLogFile(name: string): string {
   return path.join(vmDir(name), 'qemu.log');
 }
 
-/** Boots a VM and returns once its guest's first heartbeat is on the console. */
+/**
+ * Boots a VM and returns once it is ready: the bundled guest's first heartbeat, a console line
+ * the caller names, or (custom guests, by default) QEMU running.
+ */
 export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
   const log = opts.log ?? quiet;
   const name = validateVmName(opts.name);
   if (!Number.isInteger(opts.memMiB) || opts.memMiB < 16)
     throw new TlcError('E_USAGE', '--mem must be at least 16 (MiB)');
-  const workload = opts.workload ?? 'idle';
-  parseWorkloadSpec(workload);
+  const bundled = opts.workload !== undefined || (opts.kernel === undefined && opts.ready === undefined);
+  const workload = bundled ? formatWorkloadSpec(parseWorkloadSpec(opts.workload ?? 'idle')) : undefined;
+  if (workload && workloadUsesDisk(parseWorkloadSpec(workload)) && !opts.disks?.length) {
+    throw new TlcError('E_USAGE', `Workload ${workload} needs a disk with an ext4 filesystem (--disk)`);
+  }
   const qemu = await findQemu();
   const machine = await resolveMachine(qemu.binary, opts.machine ?? 'pc');
   for (const [flag, file] of [
@@ -66,26 +207,29 @@ export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
   ] as const) {
     if (file && !fs.existsSync(file)) throw new VmError('E_VM_START', `${flag} ${file}: no such file`);
   }
+  const disks = await resolveDisks(opts.disks ?? [], qemu.binary, log);
   let kernel = opts.kernel;
   let initrd = opts.initrd;
-  if (!kernel && opts.memMiB < BUNDLED_GUEST_MIN_MIB) {
+  if (bundled && !kernel && opts.memMiB < BUNDLED_GUEST_MIN_MIB) {
     // Below this the bundled kernel dies silently while unpacking its initramfs.
     throw new TlcError(
       'E_USAGE',
       `The bundled guest needs --mem ${BUNDLED_GUEST_MIN_MIB} or more (got ${opts.memMiB})`,
     );
   }
-  if (!kernel) {
-    const guest = await buildGuest({ cacheDir: defaultGuestCacheDir(), log });
+  // The bundled guest is built when it runs, and for the KVM probe of `--accel auto`.
+  const needBundled = (bundled && !kernel) || opts.accel === 'auto';
+  const guest = needBundled ? await buildGuest({ cacheDir: defaultGuestCacheDir(), log }) : undefined;
+  if (bundled && !kernel && guest) {
     kernel = guest.kernel;
     initrd ??= guest.initrd;
   }
-  const append = opts.append ?? guestAppendLine(workload);
+  const append = opts.append ?? (workload ? guestAppendLine(workload) : kernel ? 'console=ttyS0' : undefined);
   const accel = await chooseAccel(opts.accel ?? 'tcg', {
     qemuBinary: qemu.binary,
     qemuVersion: qemu.version,
-    kernel,
-    initrd: initrd ?? '',
+    kernel: guest?.kernel ?? kernel ?? '',
+    initrd: guest?.initrd ?? initrd ?? '',
     append: guestAppendLine('idle'),
     readyMarker: BOOT_OK_PREFIX,
   });
@@ -101,14 +245,38 @@ export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
     cpus: opts.cpus ?? 1,
     // memfd: guest RAM that tlc can read through /proc, which live checkpoints under TCG need.
     memory: opts.memory ?? { kind: 'memfd' },
-    kernel: path.resolve(kernel),
+    ...(kernel ? { kernel: path.resolve(kernel) } : {}),
     ...(initrd ? { initrd: path.resolve(initrd) } : {}),
-    append,
-    workload,
+    ...(append !== undefined ? { append } : {}),
+    ...(workload ? { workload } : {}),
+    disks,
     extraArgs: opts.extraArgs ?? [],
   };
+  const ready = opts.ready ?? (workload ? { kind: 'heartbeat' } : { kind: 'qemu' });
+  if (!workload && ready.kind === 'heartbeat') {
+    throw new TlcError(
+      'E_USAGE',
+      'A custom guest has no tlc heartbeat: wait for --ready REGEX or use --no-wait',
+    );
+  }
+  if (!workload && !opts.ready)
+    log('custom guest: returning once QEMU runs (name a console line with --ready)');
   const paths = runtimePaths(name);
-  const booted = await bootSpec(spec, { ...paths }, { timeoutMs: opts.bootTimeoutMs ?? 120_000, log });
+  const booted = await bootSpec(
+    spec,
+    { ...paths },
+    {
+      timeoutMs: opts.bootTimeoutMs ?? 120_000,
+      log,
+      ready:
+        ready.kind === 'qemu'
+          ? 'qemu'
+          : ready.kind === 'line'
+            ? (line: string) => ready.pattern.test(line)
+            : bundledGuestReady(name, workload ?? 'idle'),
+      ...(ready.kind === 'line' ? { readyWhat: `a console line matching ${String(ready.pattern)}` } : {}),
+    },
+  );
   return { record: booted.record, accel, bootMs: booted.readyMs };
 }
 
@@ -119,7 +287,15 @@ export async function startVm(opts: StartVmOptions): Promise<StartedVm> {
 export async function bootSpec(
   spec: VmSpec,
   launch: LaunchArgs,
-  opts: { timeoutMs: number; log: Log; ready?: (line: string) => boolean; restoredFrom?: string },
+  opts: {
+    timeoutMs: number;
+    log: Log;
+    /** A console line that shows the guest is ready (default: a heartbeat), or 'qemu': QMP up. */
+    ready?: ((line: string) => boolean) | 'qemu';
+    /** What `ready` waits for, for the timeout message (default: a heartbeat). */
+    readyWhat?: string;
+    restoredFrom?: string;
+  },
 ): Promise<{ record: VmRecord; readyMs: number; qmpReadyMs: number }> {
   const logFile = qemuLogFile(spec.name);
   const started = await launchQemu(spec, launch, { logFile });
@@ -132,14 +308,34 @@ export async function bootSpec(
     ...(opts.restoredFrom ? { restoredFrom: opts.restoredFrom } : {}),
   };
   saveVm(record);
+  const ready = opts.ready ?? isHeartbeatLine;
+  if (ready === 'qemu') {
+    try {
+      const status = await started.qmp.execute('query-status');
+      opts.log(`qemu pid ${started.process.pid}, ${status.status}`);
+    } catch (err) {
+      kill(started.process);
+      await waitExit(started.process, 3000);
+      throw new VmError('E_VM_START', `QEMU of "${spec.name}" stopped answering QMP: ${errorText(err)}`, {
+        cause: err,
+      });
+    } finally {
+      started.qmp.close();
+    }
+    return { record, readyMs: started.qmpReadyMs, qmpReadyMs: started.qmpReadyMs };
+  }
   started.qmp.close();
-  opts.log(`qemu pid ${started.process.pid}, waiting for the guest's first heartbeat`);
+  const what = opts.readyWhat ?? "the guest's first heartbeat";
+  opts.log(`qemu pid ${started.process.pid}, waiting for ${what}`);
   try {
-    await new ConsoleTail(launch.consoleLog).waitFor(opts.ready ?? isHeartbeatLine, {
+    await new ConsoleTail(launch.consoleLog).waitFor(ready, {
       timeoutMs: opts.timeoutMs,
       check: deathCheck(started.process, logFile, 'during boot'),
       onTimeout: () =>
-        new VmError('E_VM_START', `No heartbeat from guest "${spec.name}" within ${opts.timeoutMs} ms`),
+        new VmError(
+          'E_VM_START',
+          `Guest "${spec.name}" printed no ${what.replace(/^the /, '')} within ${opts.timeoutMs} ms`,
+        ),
     });
   } catch (err) {
     kill(started.process);
@@ -269,7 +465,10 @@ export interface VmStatus {
   accel: string;
   memMiB: number;
   machine: string;
+  /** `bundled`: tlc's test guest running `workload`; `custom`: the user's; `adopted`: tlc vm attach. */
+  guest: 'bundled' | 'custom' | 'adopted';
   workload?: string;
+  disks?: { device: string; path: string; format: DiskFormat; readOnly?: boolean }[];
   adopted: boolean;
   qmpSocket: string;
   consoleLog: string;
@@ -285,11 +484,22 @@ export async function vmStatus(record: VmRecord): Promise<VmStatus> {
     accel: record.spec.accel,
     memMiB: record.spec.memMiB,
     machine: record.spec.machine,
+    guest: record.adopted ? 'adopted' : record.spec.workload ? 'bundled' : 'custom',
     adopted: record.adopted,
     qmpSocket: record.paths.qmpSocket,
     consoleLog: record.paths.consoleLog,
     startedAt: record.startedAt,
     ...(record.spec.workload ? { workload: record.spec.workload } : {}),
+    ...(record.spec.disks?.length
+      ? {
+          disks: record.spec.disks.map((d) => ({
+            device: d.device,
+            path: d.path,
+            format: d.format,
+            ...(d.readOnly ? { readOnly: true } : {}),
+          })),
+        }
+      : {}),
     ...(record.restoredFrom ? { restoredFrom: record.restoredFrom } : {}),
   };
   if (state === 'running' && record.process) {

@@ -1,4 +1,4 @@
-import { TlcError } from '../core/errors.js';
+import { TlcError, UsageError, VmError } from '../core/errors.js';
 
 /** The id of guest RAM's memory backend: the RAM block is called `ram0` on every host. */
 export const RAM_BACKEND_ID = 'ram0';
@@ -8,6 +8,29 @@ export type Accel = 'tcg' | 'kvm';
 /** Where guest RAM lives. A restore swaps this for the checkpoint's RAM image (`share: false`). */
 export type MemoryBackend =
   { kind: 'ram' } | { kind: 'memfd' } | { kind: 'file'; path: string; share: boolean };
+
+export type DiskFormat = 'qcow2' | 'raw';
+export const DISK_FORMATS: readonly DiskFormat[] = ['qcow2', 'raw'];
+
+/**
+ * A virtio-blk disk of a tlc-started VM: a file node `<node>-file`, a format node `<node>` and
+ * the device `<device>`, so QMP commands can name both without parsing the command line.
+ */
+export interface VmDisk {
+  /** Absolute path of the image file. */
+  path: string;
+  format: DiskFormat;
+  /** Format node name (`tlc-disk0`); the file node under it is `<node>-file`. */
+  node: string;
+  /** virtio-blk-pci device id (`tlc-vd0`). */
+  device: string;
+  readOnly?: boolean;
+}
+
+/** The names tlc gives the n-th disk's nodes and device. */
+export function diskNames(index: number): { node: string; device: string } {
+  return { node: `tlc-disk${index}`, device: `tlc-vd${index}` };
+}
 
 /**
  * Everything needed to start the identical machine again. Saved as JSON beside the VM and copied
@@ -26,9 +49,14 @@ export interface VmSpec {
   kernel?: string;
   initrd?: string;
   append?: string;
-  /** Workload spec the bundled guest runs, when it is the bundled guest. */
+  /**
+   * Workload spec the bundled guest runs. Absent for a custom guest (the user's kernel or a
+   * disk boot) and for an adopted QEMU.
+   */
   workload?: string;
-  /** Arguments appended verbatim (devices, disks, ...). */
+  /** virtio-blk disks, in device order (absent in specs written before tlc managed disks). */
+  disks?: VmDisk[];
+  /** Arguments appended verbatim (`--qemu-arg`: devices, network, ...). */
   extraArgs: string[];
   /** For a QEMU tlc adopted: its original command line, from /proc/<pid>/cmdline. */
   adoptedArgv?: string[];
@@ -48,12 +76,46 @@ export interface LaunchArgs extends RuntimePaths {
   paused?: boolean;
 }
 
+/**
+ * A value for a QEMU option string (`key=value,key=value`): QEMU reads `,,` as a literal comma,
+ * so commas are doubled. A newline or NUL cannot be passed (QEMU's option and JSON parsers and
+ * the kernel's argv would cut or misread it), so such a value is refused.
+ */
+export function qemuOptionValue(value: string, what = 'path'): string {
+  if (/[\n\0]/.test(value)) {
+    throw new VmError(
+      'E_VM_SPEC',
+      `Cannot pass ${what} ${JSON.stringify(value)} to QEMU: it contains a newline or NUL`,
+    );
+  }
+  return value.replaceAll(',', ',,');
+}
+
 function memoryBackendArg(spec: VmSpec): string {
   const size = `size=${spec.memMiB}M`;
   if (spec.memory.kind === 'ram') return `memory-backend-ram,id=${RAM_BACKEND_ID},${size}`;
   if (spec.memory.kind === 'memfd') return `memory-backend-memfd,id=${RAM_BACKEND_ID},${size},share=on`;
   const share = spec.memory.share ? 'on' : 'off';
-  return `memory-backend-file,id=${RAM_BACKEND_ID},${size},mem-path=${spec.memory.path},share=${share}`;
+  const memPath = qemuOptionValue(spec.memory.path, 'memory file');
+  return `memory-backend-file,id=${RAM_BACKEND_ID},${size},mem-path=${memPath},share=${share}`;
+}
+
+/** `-blockdev` file node, `-blockdev` format node and `-device` for one disk. */
+function diskArgs(disk: VmDisk): string[] {
+  const ro = disk.readOnly ? ',read-only=on' : '';
+  const filename = qemuOptionValue(disk.path, 'disk image');
+  return [
+    '-blockdev',
+    `driver=file,node-name=${disk.node}-file,filename=${filename}${ro}`,
+    '-blockdev',
+    `driver=${disk.format},node-name=${disk.node},file=${disk.node}-file${ro}`,
+    '-device',
+    `virtio-blk-pci,drive=${disk.node},id=${disk.device}`,
+  ];
+}
+
+function qmpArg(launch: LaunchArgs): string {
+  return `unix:${qemuOptionValue(launch.qmpSocket, 'QMP socket')},server=on,wait=off`;
 }
 
 /** The QEMU argv (without the binary) for a tlc-managed VM. */
@@ -75,11 +137,11 @@ export function qemuArgv(spec: VmSpec, launch: LaunchArgs): string[] {
     '-display',
     'none',
     '-chardev',
-    `file,id=ser0,path=${launch.consoleLog}`,
+    `file,id=ser0,path=${qemuOptionValue(launch.consoleLog, 'console log')}`,
     '-serial',
     'chardev:ser0',
     '-qmp',
-    `unix:${launch.qmpSocket},server=on,wait=off`,
+    qmpArg(launch),
     '-pidfile',
     launch.pidFile,
   ];
@@ -88,6 +150,7 @@ export function qemuArgv(spec: VmSpec, launch: LaunchArgs): string[] {
   if (spec.append) argv.push('-append', spec.append);
   if (launch.paused) argv.push('-S');
   if (launch.incoming) argv.push('-incoming', launch.incoming);
+  for (const disk of spec.disks ?? []) argv.push(...diskArgs(disk));
   argv.push(...spec.extraArgs);
   return argv;
 }
@@ -109,7 +172,7 @@ function adoptedArgv(spec: VmSpec, launch: LaunchArgs): string[] {
     if (ADOPTED_DROP_FLAG.has(bare)) continue;
     out.push(arg);
   }
-  out.push('-qmp', `unix:${launch.qmpSocket},server=on,wait=off`, '-pidfile', launch.pidFile);
+  out.push('-qmp', qmpArg(launch), '-pidfile', launch.pidFile);
   if (launch.paused) out.push('-S');
   if (launch.incoming) out.push('-incoming', launch.incoming);
   return out;
@@ -135,5 +198,63 @@ export function parseVmSpec(json: unknown, where: string): VmSpec {
   if (typeof spec.memMiB !== 'number' || typeof spec.cpus !== 'number' || !spec.qemu || !spec.memory) {
     throw new TlcError('E_VM_SPEC', `${where}: fields memMiB/cpus/qemu/memory missing`);
   }
+  if (spec.disks !== undefined) {
+    if (!Array.isArray(spec.disks)) throw new TlcError('E_VM_SPEC', `${where}: field "disks" is not a list`);
+    spec.disks.forEach((d, i) => checkDisk(d, `${where}: disks[${i}]`));
+  }
   return { extraArgs: [], ...spec } as VmSpec;
+}
+
+function checkDisk(value: unknown, where: string): void {
+  const d = value as Partial<VmDisk> | null;
+  const ok =
+    d !== null &&
+    typeof d === 'object' &&
+    typeof d.path === 'string' &&
+    typeof d.node === 'string' &&
+    typeof d.device === 'string' &&
+    DISK_FORMATS.includes(d.format as DiskFormat) &&
+    (d.readOnly === undefined || typeof d.readOnly === 'boolean');
+  if (!ok) throw new TlcError('E_VM_SPEC', `${where}: not a disk (path, format qcow2|raw, node, device)`);
+}
+
+/** A disk as the user names it, before tlc has looked at the file. */
+export interface DiskRequest {
+  path: string;
+  format?: DiskFormat;
+  readOnly?: boolean;
+}
+
+/**
+ * Parses `--disk PATH[,format=qcow2|raw][,readonly=on|off]`. As in QEMU's own option strings,
+ * `,,` stands for a comma that is part of the path.
+ */
+export function parseDiskArg(text: string): DiskRequest {
+  const fields: string[] = [''];
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i] as string;
+    if (c !== ',') fields[fields.length - 1] += c;
+    else if (text[i + 1] === ',') {
+      fields[fields.length - 1] += ',';
+      i++;
+    } else fields.push('');
+  }
+  const [path, ...options] = fields;
+  if (!path)
+    throw new UsageError(`--disk "${text}": no image path (expected PATH[,format=qcow2|raw][,readonly=on])`);
+  const disk: DiskRequest = { path };
+  for (const option of options) {
+    const eq = option.indexOf('=');
+    const key = eq < 0 ? option : option.slice(0, eq);
+    const value = eq < 0 ? '' : option.slice(eq + 1);
+    if (key === 'format' && DISK_FORMATS.includes(value as DiskFormat)) disk.format = value as DiskFormat;
+    else if (key === 'readonly' && (value === 'on' || value === 'off')) disk.readOnly = value === 'on';
+    else {
+      throw new UsageError(
+        `--disk "${text}": unknown option "${option}" (expected format=qcow2|raw or readonly=on|off; ` +
+          'write a comma in the path as ",,")',
+      );
+    }
+  }
+  return disk;
 }

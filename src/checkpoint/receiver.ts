@@ -42,6 +42,8 @@ export interface ReceiverEvents {
   onRamSection?(kind: 'start' | 'part' | 'end', bytesReceived: number): void;
   /** The whole stream arrived and parsed: QEMU can be resumed now; persisting continues. */
   onStreamComplete?(bytesReceived: number): void;
+  /** QEMU connected; the socket is passed for guarding, never to read from. */
+  onConnection?(socket: net.Socket): void;
 }
 
 interface LargeBlock {
@@ -69,6 +71,10 @@ export class CheckpointReceiver implements StreamSink {
   private deviceBlob: Buffer | undefined;
   private deviceInfo: DeviceStateInfo | undefined;
   bytesReceived = 0;
+  private discarding = false;
+  private paused = false;
+  private readonly neverCut: boolean;
+  private drained: (() => void) | undefined;
   private settle!: { resolve: () => void; reject: (err: unknown) => void };
   /** Resolves when the stream arrived complete and parsed; rejects on any stream or socket error. */
   readonly streamDone: Promise<void>;
@@ -76,8 +82,9 @@ export class CheckpointReceiver implements StreamSink {
   constructor(
     private readonly staging: string,
     private readonly events: ReceiverEvents = {},
-    opts: { maxRamBytes?: number } = {},
+    opts: { maxRamBytes?: number; neverCut?: boolean } = {},
   ) {
+    this.neverCut = Boolean(opts.neverCut);
     // requireVmdesc: pc machine types of QEMU >= 2.3 always end with the VM description, so a
     // stream cut right after EOF must not pass as complete.
     this.reader = new MigrationStreamReader(this, {
@@ -115,17 +122,24 @@ export class CheckpointReceiver implements StreamSink {
       ? fs.openSync(process.env.TLC_STREAM_TEE, 'w', PRIVATE_FILE_MODE)
       : -1;
     if (tee >= 0) socket.once('close', () => fs.closeSync(tee));
+    this.events.onConnection?.(socket);
+    if (this.paused) socket.pause();
     socket.on('data', (chunk: Buffer) => {
-      if (tee >= 0) fs.writeSync(tee, chunk);
       this.bytesReceived += chunk.length;
+      if (this.discarding) return;
+      if (tee >= 0) fs.writeSync(tee, chunk);
       try {
         this.reader.push(chunk);
       } catch (err) {
-        socket.destroy();
+        // A migration that must not be cut off is drained instead (see drain()).
+        if (this.neverCut) this.discarding = true;
+        else socket.destroy();
         this.settle.reject(err);
       }
     });
+    socket.on('close', () => this.drained?.());
     socket.on('end', () => {
+      if (this.discarding) return;
       try {
         this.reader.end();
         this.events.onStreamComplete?.(this.bytesReceived);
@@ -137,6 +151,31 @@ export class CheckpointReceiver implements StreamSink {
     socket.on('error', (err) =>
       this.settle.reject(new CheckpointError(`Migration connection failed: ${err.message}`, { cause: err })),
     );
+  }
+
+  /** Stops reading (QEMU blocks on a full socket); for crash tests that hold mid-stream. */
+  pauseReading(): void {
+    this.paused = true;
+    this.socket?.pause();
+  }
+
+  /**
+   * Reads and discards the rest of the stream until QEMU ends it, for a migration that must not
+   * be cut off (QEMU 7.2 freezes the guest when a background snapshot fails or is cancelled).
+   * Resolves true when QEMU closed the stream, false after `timeoutMs`.
+   */
+  drain(timeoutMs: number): Promise<boolean> {
+    this.discarding = true;
+    this.server?.close();
+    if (!this.socket || this.socket.destroyed) return Promise.resolve(true);
+    this.socket.resume();
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      this.drained = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+    });
   }
 
   /** Stops listening and drops the connection (a failed or cancelled checkpoint). */

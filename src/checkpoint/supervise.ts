@@ -52,6 +52,8 @@ export interface SuperviseContext {
   nominalBps: number;
   onProgress?: (p: CheckpointProgress) => void;
   onStage: (line: string) => void;
+  /** Stops supervising once aborted; the caller unwinds. */
+  signal?: AbortSignal;
 }
 
 const MiB = 1024 * 1024;
@@ -82,6 +84,7 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
     : undefined;
   while (!streamDone) {
     if (streamError) throw streamError;
+    if (ctx.signal?.aborted) throw ctx.signal.reason;
     const info = await qmp.execute('query-migrate');
     if (info.status === 'failed' || info.status === 'cancelled') {
       throw new CheckpointError(

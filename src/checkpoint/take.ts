@@ -1,9 +1,6 @@
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { CheckpointError, QmpError, TlcError, errorText } from '../core/errors.js';
-import { PRIVATE_DIR_MODE } from '../core/paths.js';
+import { CheckpointError, InterruptedError, TlcError, errorText } from '../core/errors.js';
 import type { QmpClient } from '../qmp/client.js';
 import type { MigrationInfo, QmpEvent } from '../qmp/types.js';
 import {
@@ -19,9 +16,10 @@ import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
 import { GuestRam } from '../vm/guest-ram.js';
-import { connectVm } from '../vm/manager.js';
 import { RAM_BACKEND_ID } from '../vm/spec.js';
+import { holdAt, holdsAt } from './hold.js';
 import { CheckpointReceiver } from './receiver.js';
+import { CheckpointSession, resume } from './session.js';
 import { type StageMarks, stageMetrics } from './stages.js';
 import { type ControllerConfig, defaultDeadlineMs } from './controller.js';
 import { NO_THROTTLE_YET, TICK_MS, superviseMigration } from './supervise.js';
@@ -62,43 +60,62 @@ export interface CheckpointOptions {
   timeoutMs?: number;
   onProgress?: (p: CheckpointProgress) => void;
   onStage?: (line: string) => void;
+  /** Aborting (Ctrl-C) cancels the checkpoint and undoes everything; the VM keeps running. */
+  signal?: AbortSignal;
 }
 
 /**
  * Takes a checkpoint of a running VM: QEMU migrates into tlc's receiver over a private unix
  * socket; the VM is resumed the moment the stream is complete; the checkpoint is published only
- * once every file is fsynced. On failure the VM keeps running and nothing is published.
+ * once every file is fsynced. On failure or interruption (`opts.signal`) the migration is
+ * cancelled, the guest resumed, QEMU's migration settings put back, and nothing is published.
  */
 export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredCheckpoint> {
   const store = opts.store ?? new CheckpointStore();
   const stage = opts.onStage ?? (() => undefined);
-  const { record, qmp } = await connectVm(opts.vm);
-  const status = await qmp.execute('query-status');
+  const session = await CheckpointSession.open(opts.vm, store, opts.signal, stage);
+  try {
+    return await runCheckpoint(session, opts, stage);
+  } catch (err) {
+    const reason = err instanceof Error ? err : new Error(String(err));
+    const undone = await session.unwind(reason);
+    const what = undone.length > 0 ? `; ${undone.join(', ')}` : '';
+    if (err instanceof InterruptedError)
+      throw new InterruptedError(err.signal, `checkpoint of ${opts.vm} interrupted by ${err.signal}${what}`);
+    if (err instanceof TlcError) {
+      if (what) err.message += what;
+      throw err;
+    }
+    throw new CheckpointError(`Checkpoint of "${opts.vm}" failed: ${errorText(err)}${what}`, { cause: err });
+  } finally {
+    session.dispose();
+  }
+}
+
+async function runCheckpoint(
+  session: CheckpointSession,
+  opts: CheckpointOptions,
+  stage: (line: string) => void,
+): Promise<StoredCheckpoint> {
+  const { qmp, record, id, store } = session;
+  const status = session.status;
   let mode: CheckpointMode;
   if (opts.mode === 'auto') {
-    const choice = await chooseMode(qmp, status.running, opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS).catch(
-      (err: unknown) => {
-        qmp.close();
-        throw err;
-      },
+    const choice = await session.guard(
+      chooseMode(qmp, status.running, opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS),
     );
     mode = choice.mode;
     stage(`mode auto: ${choice.reason}`);
   } else {
     mode = opts.mode ?? 'live';
   }
+  session.mode = mode;
   if (status.status !== 'running' && status.status !== 'paused') {
-    qmp.close();
     throw new CheckpointError(
       `VM "${opts.vm}" is ${status.status}; a checkpoint needs a running or paused VM`,
     );
   }
-  const wasRunning = status.running;
-  const id = store.newId(record.spec.name);
-  const staging = store.stage(id);
-  const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-ckpt-'));
-  fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
-  const socketPath = path.join(socketDir, 'migrate.sock');
+  const wasRunning = session.wasRunning;
   const seqBefore = record.paths.consoleLog ? lastHeartbeatSeq(record.paths.consoleLog) : undefined;
   // QEMU 7.2's TCG dirty tracking loses writes made through TLB entries that stay hot across a
   // bitmap sync, so a TCG pre-copy stream can hold stale pages. tlc compares against the stopped
@@ -107,46 +124,58 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     mode === 'live' && record.spec.accel === 'tcg' && record.process
       ? GuestRam.open(record.process, record.spec)
       : undefined;
+  session.guestRam = guestRam;
   if (mode === 'live' && record.spec.accel === 'tcg' && !guestRam) {
-    qmp.close();
-    store.discard(staging);
     throw new CheckpointError(
       `Live mode on a TCG VM needs guest RAM tlc can read (a memfd or file memory backend); "${opts.vm}" has anonymous RAM. ` +
         'Use --mode cow (consistent on TCG) or --mode stop',
     );
   }
+  const staging = session.staging();
+  const socketPath = session.socketPath();
   let tcgFixup: { pages: number; ms: number } | undefined;
 
   const t0 = performance.now();
   const now = (): number => performance.now() - t0;
   const marks: StageMarks = { mode, passes: 0 };
   let resumed: Promise<void> | undefined;
+  const afterStream = async (): Promise<void> => {
+    // Crash tests hold here: the stream is complete and (live, stop) the VM is still stopped.
+    await holdAt('stream-complete', opts.signal);
+    if (guestRam) {
+      const started = performance.now();
+      const pages = receiver.reconcileRam((buf, offset, len) => guestRam.read(buf, offset, len));
+      tcgFixup = { pages, ms: performance.now() - started };
+    }
+    if (wasRunning && mode !== 'cow') {
+      await resume(qmp);
+      marks.resumed ??= { t: now() };
+    }
+  };
   const receiver = new CheckpointReceiver(
     staging,
     {
       onStreamComplete: (bytes) => {
         marks.streamDone = { t: now(), bytes };
-        if (guestRam) {
-          const started = performance.now();
-          const pages = receiver.reconcileRam((buf, offset, len) => guestRam.read(buf, offset, len));
-          tcgFixup = { pages, ms: performance.now() - started };
-        }
-        if (wasRunning && mode !== 'cow') {
-          resumed = resume(qmp).then(() => {
-            marks.resumed ??= { t: now() };
-          });
-          resumed.catch(() => undefined);
-        }
+        resumed = afterStream();
+        resumed.catch(() => undefined);
       },
+      onConnection: (socket) => session.guardStream(socket),
     },
-    { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024 },
+    { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024, neverCut: mode === 'cow' },
   );
+  session.receiver = receiver;
 
   const onEvent = (ev: QmpEvent): void => {
     const bytes = receiver.bytesReceived;
     if (ev.event === 'MIGRATION' && ev.data?.status === 'active' && !marks.active) {
       marks.active = { t: now(), bytes };
       stage(`setup: ${now().toFixed(0)} ms`);
+      if (holdsAt('streaming')) {
+        // Crash tests hold here: QEMU is mid-stream, blocked on a socket tlc no longer reads.
+        receiver.pauseReading();
+        void holdAt('streaming', opts.signal).catch(() => undefined);
+      }
     } else if (ev.event === 'MIGRATION_PASS') {
       marks.passes = Number(ev.data?.pass ?? marks.passes);
       if (marks.passes === 2 && mode === 'live') {
@@ -184,14 +213,15 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       `deadline ${deadlineMs} ms${opts.deadlineMs === undefined ? ' (default: 3 passes over RAM at a nominal rate)' : ''}, preferred downtime ${maxDowntimeMs} ms`,
     );
   }
-  let migrating = false;
   let warmUpMs = 0;
   try {
-    await receiver.listen(socketPath);
-    warmUpMs = await receiver.warmUp(RAM_BACKEND_ID, record.spec.memMiB * 1024 * 1024);
+    await session.guard(receiver.listen(socketPath));
+    warmUpMs = await session.guard(receiver.warmUp(RAM_BACKEND_ID, record.spec.memMiB * 1024 * 1024));
     stage(
       `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
     );
+    session.throwIfInterrupted();
+    await session.owe();
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },
@@ -213,36 +243,44 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     if (mode === 'stop' && wasRunning) {
       await qmp.execute('stop');
       marks.stopped ??= { t: now(), bytes: 0 };
+      await session.guard(holdAt('stopped', opts.signal));
     }
+    session.throwIfInterrupted();
     await qmp.execute('migrate', { uri: `unix:${socketPath}` });
-    migrating = true;
-    const control = await superviseMigration({
-      qmp,
-      receiver,
-      marks,
-      now,
-      mode,
-      timeoutMs: opts.timeoutMs ?? 10 * 60_000,
-      nominalBps: opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS,
-      ...(controller ? { controller } : {}),
-      ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
-      onStage: stage,
-    });
-    migrating = false;
-    if (resumed) await resumed;
+    session.migrating = true;
+    const control = await session.guard(
+      superviseMigration({
+        qmp,
+        receiver,
+        marks,
+        now,
+        mode,
+        timeoutMs: opts.timeoutMs ?? 10 * 60_000,
+        nominalBps: opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS,
+        ...(controller ? { controller } : {}),
+        ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+        ...(opts.signal ? { signal: opts.signal } : {}),
+        onStage: stage,
+      }),
+    );
+    if (resumed) await session.guard(resumed);
+    session.migrating = false;
     if (control) control.metDeadline = (marks.resumed?.t ?? now()) <= control.deadlineMs;
+    const info = await session.guard(finalInfo(qmp));
+    if (mode === 'cow' && marks.resumeTs === undefined) {
+      // background-snapshot restarts the VM itself; wait briefly for its RESUME event.
+      await session.guard(qmp.waitEvent('RESUME', 1000).catch(() => undefined));
+    }
+    // The guest runs again and the migration is over: QEMU gets its own settings back now.
+    await session.settle();
     opts.onProgress?.({
       stage: 'persisting',
       elapsedMs: now(),
       bytesReceived: receiver.bytesReceived,
       passes: marks.passes,
     });
-    const received = await receiver.persist();
-    const info = await finalInfo(qmp);
-    if (mode === 'cow' && marks.resumeTs === undefined) {
-      // background-snapshot restarts the VM itself; wait briefly for its RESUME event.
-      await qmp.waitEvent('RESUME', 1000).catch(() => undefined);
-    }
+    await session.guard(holdAt('persist', opts.signal));
+    const received = await session.guard(receiver.persist());
     const manifest: Manifest = {
       magic: MANIFEST_MAGIC,
       formatVersion: [MANIFEST_FORMAT_MAJOR, MANIFEST_FORMAT_MINOR],
@@ -269,7 +307,9 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
     writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest), 0o600);
-    const dir = store.publish(staging, id);
+    await session.guard(holdAt('publish', opts.signal));
+    session.throwIfInterrupted();
+    const dir = session.publish();
     manifest.metrics.durableMs = now();
     const x = manifest.metrics;
     stage(
@@ -277,32 +317,8 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     );
     stage(`durable after ${manifest.metrics.durableMs.toFixed(0)} ms: ${dir}`);
     return { id, dir, manifest };
-  } catch (err) {
-    receiver.abort(err instanceof Error ? err : new Error(String(err)));
-    if (migrating) await qmp.execute('migrate_cancel').catch(() => undefined);
-    if (wasRunning && !qmp.closed) await resume(qmp).catch(() => undefined);
-    store.discard(staging);
-    throw err instanceof TlcError
-      ? err
-      : new CheckpointError(`Checkpoint of "${opts.vm}" failed: ${errorText(err)}`, { cause: err });
   } finally {
     qmp.off('event', onEvent);
-    qmp.close();
-    guestRam?.close();
-    fs.rmSync(socketDir, { recursive: true, force: true });
-  }
-}
-
-/** `cont` as soon as QEMU allows it (it refuses while the migration is being finalized). */
-async function resume(qmp: QmpClient): Promise<void> {
-  for (let attempt = 0; ; attempt++) {
-    try {
-      await qmp.execute('cont');
-      return;
-    } catch (err) {
-      if (!(err instanceof QmpError) || err.code !== 'E_QMP_EXECUTE' || attempt > 500) throw err;
-      await sleep(2);
-    }
   }
 }
 

@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import { takeCheckpoint } from '../checkpoint/take.js';
+import { interruptible } from './interrupt.js';
 import { TlcError, UsageError, errorText } from '../core/errors.js';
 import type { CheckpointMode, Manifest } from '../store/manifest.js';
 import { checkSignature, loadSigningKey } from '../store/sign.js';
@@ -100,17 +101,20 @@ export function registerCheckpointCommands(program: Command): void {
     .action(async (vm: string, o: StoreFlags & Record<string, string | undefined>) => {
       const progress = new ProgressLine();
       try {
-        const ckpt = await takeCheckpoint({
-          vm,
-          mode: parseMode(o.mode as string),
-          store: storeOf(o),
-          maxDowntimeMs: parseDuration(o.maxDowntime as string, '--max-downtime'),
-          ...(o.deadline ? { deadlineMs: parseDuration(o.deadline, '--deadline') } : {}),
-          ...(o.maxBandwidth ? { maxBandwidthBps: parseRate(o.maxBandwidth, '--max-bandwidth') } : {}),
-          timeoutMs: parseDuration(o.timeout as string, '--timeout'),
-          onProgress: progress.update,
-          onStage: progress.line,
-        });
+        const ckpt = await interruptible((signal) =>
+          takeCheckpoint({
+            signal,
+            vm,
+            mode: parseMode(o.mode as string),
+            store: storeOf(o),
+            maxDowntimeMs: parseDuration(o.maxDowntime as string, '--max-downtime'),
+            ...(o.deadline ? { deadlineMs: parseDuration(o.deadline, '--deadline') } : {}),
+            ...(o.maxBandwidth ? { maxBandwidthBps: parseRate(o.maxBandwidth, '--max-bandwidth') } : {}),
+            timeoutMs: parseDuration(o.timeout as string, '--timeout'),
+            onProgress: progress.update,
+            onStage: progress.line,
+          }),
+        );
         progress.done();
         if (o.json) printJson(ckpt.manifest);
         else {

@@ -1,5 +1,7 @@
+import os from 'node:os';
 import { Command, CommanderError } from 'commander';
-import { TlcError, errorText } from '../core/errors.js';
+import { settleAllOwed } from '../checkpoint/owed.js';
+import { InterruptedError, TlcError, errorText } from '../core/errors.js';
 import { registerCheckpointCommands } from './checkpoint.js';
 import { registerDemoCommand } from './demo.js';
 import { registerGuestCommands } from './guest.js';
@@ -20,6 +22,13 @@ const program = new Command('tlc')
   .showHelpAfterError()
   .exitOverride();
 
+// A tlc killed mid-checkpoint (SIGKILL, OOM) could not resume its guest: whichever tlc command
+// runs next pays that debt first and says so.
+program.hook('preAction', async (_program, command) => {
+  if (command.parent?.name() === 'guest' || command.name() === 'guest') return;
+  for (const line of await settleAllOwed()) process.stderr.write(`tlc: ${line}\n`);
+});
+
 registerGuestCommands(program);
 registerVmCommands(program);
 registerCheckpointCommands(program);
@@ -35,6 +44,11 @@ try {
     const text = err instanceof TlcError ? err.message : `internal error: ${errorText(err)}`;
     process.stderr.write(`tlc: ${text.split('\n')[0]}\n`);
     if (process.env.TLC_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
-    process.exitCode = err instanceof TlcError && err.code === 'E_USAGE' ? 2 : 1;
+    process.exitCode =
+      err instanceof InterruptedError
+        ? 128 + (os.constants.signals[err.signal] ?? 2)
+        : err instanceof TlcError && err.code === 'E_USAGE'
+          ? 2
+          : 1;
   }
 }

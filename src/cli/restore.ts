@@ -15,6 +15,10 @@ export function registerRestoreCommand(program: Command): void {
     .option('--eager', 'stream every page into QEMU instead of mapping the RAM image copy-on-write')
     .option('--verify', 're-hash the whole checkpoint before starting')
     .option('--accel <tcg|kvm>', "accelerator (default: the checkpointed VM's)")
+    .option(
+      '--trust-checkpoint-args',
+      'replay QEMU arguments recorded in the checkpoint when this host has no record of the VM (printed first)',
+    )
     .option('--wait-heartbeat', "return only after the restored guest's first heartbeat")
     .option('--timeout <duration>', 'how long to wait for the guest', '60s')
     .option('--store <dir>', 'checkpoint store directory')
@@ -30,6 +34,7 @@ export function registerRestoreCommand(program: Command): void {
         verify: Boolean(o.verify),
         ...(accel ? { accel } : {}),
         waitHeartbeat: Boolean(o.waitHeartbeat),
+        trustCheckpointArgs: Boolean(o.trustCheckpointArgs),
         timeoutMs: parseDuration(String(o.timeout), '--timeout'),
         log: note,
       });

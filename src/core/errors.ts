@@ -25,7 +25,9 @@ export type ErrorCode =
   | 'E_NOT_FOUND'
   | 'E_CORRUPT'
   | 'E_MISMATCH'
-  | 'E_RESTORE';
+  | 'E_RESTORE'
+  | 'E_INTERRUPTED'
+  | 'E_UNTRUSTED';
 
 export class TlcError extends Error {
   readonly code: ErrorCode;
@@ -74,6 +76,15 @@ export class StreamError extends TlcError {
 export class CheckpointError extends TlcError {
   constructor(message: string, options?: { cause?: unknown }) {
     super('E_CHECKPOINT', message, options);
+  }
+}
+
+/** A signal (Ctrl-C, SIGTERM, SIGHUP) ended the work; the message says what was undone. */
+export class InterruptedError extends TlcError {
+  readonly signal: NodeJS.Signals;
+  constructor(signal: NodeJS.Signals, message = `interrupted by ${signal}`) {
+    super('E_INTERRUPTED', message);
+    this.signal = signal;
   }
 }
 

@@ -100,6 +100,7 @@ export interface QmpCommands {
   'query-version': [undefined, QemuVersion];
   'query-migrate': [undefined, MigrationInfo];
   'query-migrate-parameters': [undefined, MigrationParameters];
+  'query-migrate-capabilities': [undefined, { capability: MigrationCapabilityName; state: boolean }[]];
   'query-machines': [undefined, { name: string; alias?: string; 'is-default'?: boolean }[]];
   'query-kvm': [undefined, { enabled: boolean; present: boolean }];
   'query-memdev': [undefined, { id?: string; size: number; share: boolean; prealloc: boolean }[]];

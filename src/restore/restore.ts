@@ -15,7 +15,7 @@ import { deathCheck, launchQemu } from '../vm/launch.js';
 import { isHeartbeatLine, qemuLogFile, type Log } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
 import { findQemu, listMachines } from '../vm/qemu.js';
-import { type VmRecord, claimVmName, runtimePaths, saveVm } from '../vm/registry.js';
+import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm } from '../vm/registry.js';
 import { RAM_BACKEND_ID, type VmSpec, validateVmName } from '../vm/spec.js';
 import { assertCompatible } from './compat.js';
 import { type SynthesisStats, synthesizeStream } from './synthesize.js';
@@ -29,6 +29,12 @@ export interface RestoreOptions {
   /** Re-hash the whole checkpoint before starting QEMU. */
   verify?: boolean;
   accel?: Accel;
+  /**
+   * Replay the QEMU arguments recorded in the checkpoint (extra args, an adopted command line)
+   * when this host has no record of the VM. They are printed first; without this flag such a
+   * checkpoint is refused, since arguments like `-netdev tap,script=...` run programs.
+   */
+  trustCheckpointArgs?: boolean;
   /** Also wait for the guest's first heartbeat after it runs. */
   waitHeartbeat?: boolean;
   timeoutMs?: number;
@@ -58,17 +64,18 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const m = ckpt.manifest;
   const mode = opts.eager ? 'eager' : 'lazy';
   assertVerified(verifyCheckpoint(ckpt, Boolean(opts.verify)));
-  const qemu = await findQemu(
-    m.vm.qemu.binary && fs.existsSync(m.vm.qemu.binary) ? m.vm.qemu.binary : undefined,
-  );
+  // Always this host's QEMU: a checkpoint is data and never names the program that runs it.
+  const qemu = await findQemu();
   assertCompatible(m, qemu, await listMachines(qemu.binary));
   const name = validateVmName(opts.name ?? m.vm.name);
   claimVmName(name);
 
   const ramBlock = m.blocks.find((b) => b.name === RAM_BACKEND_ID);
   if (!ramBlock) throw new RestoreError('E_RESTORE', `${m.id} has no ${RAM_BACKEND_ID} block`);
+  const launchFacts = hostLaunchFacts(m, Boolean(opts.trustCheckpointArgs), log);
   const spec: VmSpec = {
     ...m.vm,
+    ...launchFacts,
     name,
     qemu,
     machine: m.machineType,
@@ -124,6 +131,47 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     qmp.close();
     fs.rmSync(socketDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * What QEMU is told to run beyond the machine itself, taken from this host's record of the VM
+ * when there is one; from the checkpoint only when the user says they trust it.
+ */
+function hostLaunchFacts(
+  m: StoredCheckpoint['manifest'],
+  trust: boolean,
+  log: Log,
+): Pick<VmSpec, 'extraArgs' | 'adoptedArgv' | 'kernel' | 'initrd'> {
+  const local = tryLoadVm(m.vm.name);
+  if (local) {
+    const { extraArgs, adoptedArgv, kernel, initrd } = local.spec;
+    return {
+      extraArgs,
+      ...(adoptedArgv ? { adoptedArgv } : {}),
+      ...(kernel ? { kernel } : {}),
+      ...(initrd ? { initrd } : {}),
+    };
+  }
+  const recorded = [...(m.vm.adoptedArgv ?? []), ...m.vm.extraArgs];
+  if (recorded.length > 0 && !trust) {
+    throw new RestoreError(
+      'E_UNTRUSTED',
+      `${m.id} carries QEMU arguments (${summarizeArgs(recorded)}) and this host has no VM "${m.vm.name}" to take them from; ` +
+        'check them with tlc show --json and pass --trust-checkpoint-args to run them',
+    );
+  }
+  if (recorded.length > 0) log(`running QEMU with the checkpoint's arguments: ${recorded.join(' ')}`);
+  return {
+    extraArgs: m.vm.extraArgs,
+    ...(m.vm.adoptedArgv ? { adoptedArgv: m.vm.adoptedArgv } : {}),
+    ...(m.vm.kernel ? { kernel: m.vm.kernel } : {}),
+    ...(m.vm.initrd ? { initrd: m.vm.initrd } : {}),
+  };
+}
+
+function summarizeArgs(args: string[]): string {
+  const text = args.join(' ');
+  return text.length > 120 ? `${text.slice(0, 117)}...` : text;
 }
 
 async function feedStream(

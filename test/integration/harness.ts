@@ -1,10 +1,13 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { execFile } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { after } from 'node:test';
 import { promisify } from 'node:util';
 import { scanConsole, type ConsoleScan } from '../../src/guest/heartbeat.js';
+import { QmpClient } from '../../src/qmp/client.js';
+import { lastHeartbeatSeq } from '../../src/vm/console.js';
 import { isAlive, kill, waitExit } from '../../src/vm/process.js';
 import { listVms } from '../../src/vm/registry.js';
 
@@ -78,4 +81,78 @@ export function qemuPidsMentioning(marker: string): number[] {
     }
   }
   return pids;
+}
+
+/** The VM's whole migration configuration as QEMU reports it (tlc must leave it as found). */
+export async function migrationConfig(qmpSocket: string): Promise<unknown> {
+  const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: 5000 });
+  try {
+    return {
+      capabilities: await qmp.execute('query-migrate-capabilities'),
+      parameters: await qmp.execute('query-migrate-parameters'),
+    };
+  } finally {
+    qmp.close();
+  }
+}
+
+/** QEMU's run state (running, paused, postmigrate, ...). */
+export async function runState(qmpSocket: string): Promise<string> {
+  const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: 5000 });
+  try {
+    return (await qmp.execute('query-status')).status;
+  } finally {
+    qmp.close();
+  }
+}
+
+/** Resolves once the guest's heartbeat seq passes the one it shows now; false after `timeoutMs`. */
+export async function heartbeatsAdvance(consoleLog: string, timeoutMs = 3000): Promise<boolean> {
+  const start = lastHeartbeatSeq(consoleLog) ?? -1;
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if ((lastHeartbeatSeq(consoleLog) ?? -1) > start) return true;
+    await sleep(50);
+  }
+  return false;
+}
+
+export interface RunningCli {
+  child: ChildProcess;
+  stderr: () => string;
+  /** Resolves with the exit code (or the signal's 128+n). */
+  exited: Promise<number>;
+  /** Resolves once stderr has a line matching `re`; rejects if the process exits first. */
+  waitFor(re: RegExp, timeoutMs?: number): Promise<void>;
+}
+
+/** Starts the real CLI in the background, for tests that interrupt it at a chosen moment. */
+export function spawnTlc(args: string[], env: NodeJS.ProcessEnv = {}): RunningCli {
+  const child = spawn(process.execPath, [TLC_BIN, ...args], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, ...env },
+  });
+  let err = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (chunk: string) => (err += chunk));
+  const exited = new Promise<number>((resolve) =>
+    child.once('exit', (code, signal) =>
+      resolve(code ?? 128 + (signal ? (os.constants.signals[signal] ?? 0) : 0)),
+    ),
+  );
+  let done = false;
+  void exited.then(() => (done = true));
+  return {
+    child,
+    stderr: () => err,
+    exited,
+    async waitFor(re: RegExp, timeoutMs = 60_000): Promise<void> {
+      const deadline = Date.now() + timeoutMs;
+      while (!re.test(err)) {
+        if (done) throw new Error(`tlc exited before printing ${re}: ${err}`);
+        if (Date.now() > deadline) throw new Error(`tlc did not print ${re} within ${timeoutMs} ms: ${err}`);
+        await sleep(10);
+      }
+    },
+  };
 }

@@ -12,6 +12,7 @@ import {
   type Manifest,
   sealManifest,
 } from '../store/manifest.js';
+import { loadSigningKey } from '../store/sign.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
@@ -62,6 +63,8 @@ export interface CheckpointOptions {
   onStage?: (line: string) => void;
   /** Aborting (Ctrl-C) cancels the checkpoint and undoes everything; the VM keeps running. */
   signal?: AbortSignal;
+  /** HMAC key file; default `$TLC_SIGN_KEY`, else the per-user key (created on first use). */
+  signKeyFile?: string;
 }
 
 /**
@@ -73,9 +76,18 @@ export interface CheckpointOptions {
 export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredCheckpoint> {
   const store = opts.store ?? new CheckpointStore();
   const stage = opts.onStage ?? (() => undefined);
+  // Load (or create) the key first: a bad key file fails before the VM is touched.
+  const signing = loadSigningKey({
+    ...(opts.signKeyFile ? { keyFile: opts.signKeyFile } : {}),
+    create: true,
+  });
+  if (signing?.created)
+    stage(
+      `created signing key ${signing.file} (key ${signing.keyId}); keep it to restore signed checkpoints`,
+    );
   const session = await CheckpointSession.open(opts.vm, store, opts.signal, stage);
   try {
-    return await runCheckpoint(session, opts, stage);
+    return await runCheckpoint(session, opts, stage, signing?.key);
   } catch (err) {
     const reason = err instanceof Error ? err : new Error(String(err));
     const undone = await session.unwind(reason);
@@ -96,8 +108,9 @@ async function runCheckpoint(
   session: CheckpointSession,
   opts: CheckpointOptions,
   stage: (line: string) => void,
+  signKey: Buffer | undefined,
 ): Promise<StoredCheckpoint> {
-  const { qmp, record, id, store } = session;
+  const { qmp, record, id } = session;
   const status = session.status;
   let mode: CheckpointMode;
   if (opts.mode === 'auto') {
@@ -306,7 +319,7 @@ async function runCheckpoint(
       },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
-    writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest), 0o600);
+    writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest, signKey), 0o600);
     await session.guard(holdAt('publish', opts.signal));
     session.throwIfInterrupted();
     const dir = session.publish();

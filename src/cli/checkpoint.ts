@@ -96,6 +96,10 @@ export function registerCheckpointCommands(program: Command): void {
     .option('--deadline <duration>', 'live mode: the VM runs again within this long (default: from RAM size)')
     .option('--max-bandwidth <rate>', "cap QEMU's send rate, e.g. 64MiB/s (default: unlimited)")
     .option('--timeout <duration>', 'give up (the VM keeps running) after this long', '10m')
+    .option(
+      '--sign-key <file>',
+      'HMAC key to sign the checkpoint with (default: $TLC_SIGN_KEY or ~/.config/tlc/sign.key, created on first use)',
+    )
     .option('--store <dir>', STORE_HELP)
     .option('--json', 'print the manifest as JSON')
     .action(async (vm: string, o: StoreFlags & Record<string, string | undefined>) => {
@@ -105,6 +109,7 @@ export function registerCheckpointCommands(program: Command): void {
           takeCheckpoint({
             signal,
             vm,
+            ...(o.signKey ? { signKeyFile: o.signKey } : {}),
             mode: parseMode(o.mode as string),
             store: storeOf(o),
             maxDowntimeMs: parseDuration(o.maxDowntime as string, '--max-downtime'),

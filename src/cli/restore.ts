@@ -19,6 +19,11 @@ export function registerRestoreCommand(program: Command): void {
       '--trust-checkpoint-args',
       'replay QEMU arguments recorded in the checkpoint when this host has no record of the VM (printed first)',
     )
+    .option(
+      '--sign-key <file>',
+      'HMAC key that signed the checkpoint (default: $TLC_SIGN_KEY or ~/.config/tlc/sign.key)',
+    )
+    .option('--allow-unsigned', 'restore a checkpoint that carries no signature although a key is configured')
     .option('--wait-heartbeat', "return only after the restored guest's first heartbeat")
     .option('--timeout <duration>', 'how long to wait for the guest', '60s')
     .option('--store <dir>', 'checkpoint store directory')
@@ -35,6 +40,8 @@ export function registerRestoreCommand(program: Command): void {
         ...(accel ? { accel } : {}),
         waitHeartbeat: Boolean(o.waitHeartbeat),
         trustCheckpointArgs: Boolean(o.trustCheckpointArgs),
+        ...(o.signKey ? { signKeyFile: String(o.signKey) } : {}),
+        allowUnsigned: Boolean(o.allowUnsigned),
         timeoutMs: parseDuration(String(o.timeout), '--timeout'),
         log: note,
       });

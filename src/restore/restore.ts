@@ -8,6 +8,8 @@ import { RestoreError, TlcError, errorText } from '../core/errors.js';
 import { PRIVATE_DIR_MODE } from '../core/paths.js';
 import type { QmpClient } from '../qmp/client.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
+import { checkpointFilePath } from '../store/manifest.js';
+import { loadSigningKey } from '../store/sign.js';
 import { assertVerified, verifyCheckpoint } from '../store/verify.js';
 import type { Accel } from '../vm/spec.js';
 import { ConsoleTail } from '../vm/console.js';
@@ -35,6 +37,10 @@ export interface RestoreOptions {
    * checkpoint is refused, since arguments like `-netdev tap,script=...` run programs.
    */
   trustCheckpointArgs?: boolean;
+  /** HMAC key file (default `$TLC_SIGN_KEY` or the per-user key). */
+  signKeyFile?: string;
+  /** Restore a checkpoint without a signature although a key is configured. */
+  allowUnsigned?: boolean;
   /** Also wait for the guest's first heartbeat after it runs. */
   waitHeartbeat?: boolean;
   timeoutMs?: number;
@@ -63,7 +69,19 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const ckpt = store.resolve(opts.ref);
   const m = ckpt.manifest;
   const mode = opts.eager ? 'eager' : 'lazy';
-  assertVerified(verifyCheckpoint(ckpt, Boolean(opts.verify)));
+  const signing = loadSigningKey({
+    ...(opts.signKeyFile ? { keyFile: opts.signKeyFile } : {}),
+    create: false,
+  });
+  const report = verifyCheckpoint(ckpt, Boolean(opts.verify), {
+    ...(signing ? { key: signing.key } : {}),
+    allowUnsigned: Boolean(opts.allowUnsigned),
+  });
+  assertVerified(report);
+  if (report.signature === 'unsigned')
+    log(`${ckpt.id} is unsigned: its origin is not checked (restoring as --allow-unsigned says)`);
+  if (report.signature === 'no-key')
+    log(`${ckpt.id} is signed, but no signing key is configured here: its signature is not checked`);
   // Always this host's QEMU: a checkpoint is data and never names the program that runs it.
   const qemu = await findQemu();
   assertCompatible(m, qemu, await listMachines(qemu.binary));
@@ -82,7 +100,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     accel: opts.accel ?? m.vm.accel,
     memory:
       mode === 'lazy'
-        ? { kind: 'file', path: path.join(ckpt.dir, ramBlock.file), share: false }
+        ? { kind: 'file', path: checkpointFilePath(ckpt.dir, ramBlock.file), share: false }
         : { kind: 'memfd' },
   };
   const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-restore-'));

@@ -53,9 +53,7 @@ export function verifyCheckpoint(
     problems.push(err instanceof TlcError ? err.message : errorText(err));
   }
   if (signature === 'unsigned' && opts.key && !opts.allowUnsigned) {
-    problems.push(
-      'not signed, and a signing key is configured (unsigned checkpoints must be allowed explicitly)',
-    );
+    problems.push('not signed, and a signing key is configured (pass --allow-unsigned to accept it)');
   }
 
   /** Size of `file` if it is a regular file inside the checkpoint, else undefined (problem noted). */

@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -9,12 +8,14 @@ import { TlcError } from '../../src/core/errors.js';
 import { continuationProblems, observeGuest } from '../../src/guest/observe.js';
 import { restoreCheckpoint } from '../../src/restore/restore.js';
 import { MANIFEST_FILE, sealManifest } from '../../src/store/manifest.js';
+import { loadSigningKey } from '../../src/store/sign.js';
 import { CheckpointStore } from '../../src/store/store.js';
 import { verifyCheckpoint } from '../../src/store/verify.js';
 import { killVm, startVm, stopVm } from '../../src/vm/manager.js';
 import { isAlive } from '../../src/vm/process.js';
-import { loadVm } from '../../src/vm/registry.js';
-import { TLC_BIN, isolatedTlc, tlc } from './harness.js';
+import { loadVm, removeVm } from '../../src/vm/registry.js';
+import { HOLD_ENV } from '../../src/checkpoint/hold.js';
+import { heartbeatsAdvance, isolatedTlc, spawnTlc, tlc } from './harness.js';
 
 const { store: storeDir } = isolatedTlc();
 const store = new CheckpointStore();
@@ -101,9 +102,26 @@ describe('checkpoints under failure and bad input', () => {
     const copyDir = path.join(storeDir, 'ver-copy');
     fs.cpSync(ckpt.dir, copyDir, { recursive: true });
     const manifest = { ...ckpt.manifest, id: 'ver-copy', qemuVersion: '6.2.0' };
-    fs.writeFileSync(path.join(copyDir, MANIFEST_FILE), sealManifest(manifest));
+    const key = loadSigningKey({ create: false })?.key;
+    assert.ok(key, 'the first checkpoint created the per-user signing key');
+    // Signed with our key, as a checkpoint taken by an older QEMU on another of our hosts would be.
+    fs.writeFileSync(path.join(copyDir, MANIFEST_FILE), sealManifest(manifest, key));
     const err = await rejectsWith(restoreCheckpoint({ ref: 'ver-copy', store, name: 'ver2' }), 'E_MISMATCH');
     assert.match(err.message, /taken with QEMU 6\.2\.0/);
+
+    // The same edit by someone without the key: the plain checksum is redone, the signature cannot be.
+    fs.writeFileSync(
+      path.join(copyDir, MANIFEST_FILE),
+      sealManifest({
+        ...manifest,
+        qemuVersion: ckpt.manifest.qemuVersion,
+        vmWasRunning: !ckpt.manifest.vmWasRunning,
+      }),
+    );
+    const forged = await tlc(['restore', 'ver-copy', '--name', 'ver4']);
+    assert.notEqual(forged.code, 0);
+    assert.match(forged.stderr, /not signed.*--allow-unsigned/);
+    assert.throws(() => loadVm('ver4'), 'no VM started for a forged checkpoint');
 
     // An edited manifest no longer matches its checksum: not listed, not restorable.
     const edited = sealManifest({ ...ckpt.manifest, id: 'ver-copy' }).replace('"memMiB": 96', '"memMiB": 97');
@@ -114,23 +132,45 @@ describe('checkpoints under failure and bad input', () => {
     assert.match(cli.stderr, /manifest checksum mismatch/);
   });
 
+  it('replays QEMU arguments from a checkpoint only when told to, and prints them', async () => {
+    const extraArgs = ['-smbios', 'type=1,serial=tlc-args-test'];
+    await startVm({ name: 'args', memMiB: 96, workload: 'idle', extraArgs });
+    const ckpt = await takeCheckpoint({ vm: 'args', mode: 'stop', store });
+    await stopVm('args', { force: true });
+    removeVm('args'); // as on another host, which has no record of this VM
+    const refused = await rejectsWith(restoreCheckpoint({ ref: ckpt.id, store }), 'E_UNTRUSTED');
+    assert.match(refused.message, /serial=tlc-args-test/);
+    assert.match(refused.message, /--trust-checkpoint-args/);
+    const lines: string[] = [];
+    const restored = await restoreCheckpoint({
+      ref: ckpt.id,
+      store,
+      trustCheckpointArgs: true,
+      log: (l) => lines.push(l),
+    });
+    assert.match(
+      lines.join('\n'),
+      /running QEMU with the checkpoint's arguments: -smbios type=1,serial=tlc-args-test/,
+    );
+    assert.deepEqual(restored.record.spec.extraArgs, extraArgs);
+    await stopVm('args', { force: true });
+  });
+
   it('killing QEMU or tlc mid-checkpoint leaves earlier checkpoints intact and nothing partial listed', async () => {
     await startVm({ name: 'crash', memMiB: 256, workload: 'memverify:128' });
     await sleep(800);
     const good = await takeCheckpoint({ vm: 'crash', mode: 'live', store });
     const before = listedIds();
 
-    // tlc dies: the VM must survive (QEMU's migration fails, the guest keeps running).
-    const child = spawn(process.execPath, [TLC_BIN, 'checkpoint', 'crash', '--mode', 'live'], {
-      stdio: 'ignore',
-      env: process.env,
-    });
-    await sleep(400);
-    child.kill('SIGKILL');
-    await new Promise((r) => child.once('exit', r));
+    // tlc dies while QEMU streams: the guest keeps running (QEMU's migration fails).
+    const cli = spawnTlc(['checkpoint', 'crash', '--mode', 'live'], { [HOLD_ENV]: 'streaming' });
+    await cli.waitFor(/holding at streaming/);
+    cli.child.kill('SIGKILL');
+    await cli.exited;
     assert.deepEqual(listedIds(), before);
     const record = loadVm('crash');
-    assert.ok(record.process && isAlive(record.process), 'VM survives a dead tlc');
+    assert.ok(record.process && isAlive(record.process), 'QEMU survives a dead tlc');
+    assert.ok(await heartbeatsAdvance(record.paths.consoleLog), 'and its guest works on');
 
     // QEMU dies mid-checkpoint, once the stream is flowing: a typed error, nothing published.
     let killed: Promise<unknown> | undefined;

@@ -11,7 +11,7 @@ import { verifyCheckpoint } from '../../src/store/verify.js';
 import { startVm, stopVm } from '../../src/vm/manager.js';
 import { isAlive } from '../../src/vm/process.js';
 import { loadVm } from '../../src/vm/registry.js';
-import { isolatedTlc } from './harness.js';
+import { heartbeatsAdvance, isolatedTlc, runState } from './harness.js';
 
 isolatedTlc();
 
@@ -56,7 +56,9 @@ describe('a full disk during a checkpoint', () => {
       assert.equal(failure.code, 'E_PERSIST');
       assert.match(failure.message, /ENOSPC/);
       const record = loadVm('big');
-      assert.ok(record.process && isAlive(record.process), 'the VM keeps running');
+      assert.ok(record.process && isAlive(record.process), 'QEMU keeps running');
+      assert.equal(await runState(record.paths.qmpSocket), 'running');
+      assert.ok(await heartbeatsAdvance(record.paths.consoleLog), 'and its guest works on');
       assert.deepEqual(
         store.list().map((c) => c.id),
         [first.id],

@@ -27,6 +27,8 @@ export function isolatedTlc(): { home: string; store: string } {
   const store = path.join(base, 'store');
   process.env.TLC_HOME = home;
   process.env.TLC_STORE = store;
+  // The per-user signing key goes here too, never into the real home.
+  process.env.XDG_CONFIG_HOME = path.join(base, 'config');
   after(async () => {
     await killAllVms();
     fs.rmSync(base, { recursive: true, force: true });

@@ -4,7 +4,7 @@
  * so a test can kill it at a chosen moment rather than after a guessed delay. Without the
  * variable a hold point costs one environment lookup.
  */
-export type HoldPoint = 'streaming' | 'stopped' | 'stream-complete' | 'persist' | 'publish';
+export type HoldPoint = 'streaming' | 'stopped' | 'stream-complete' | 'disk-copy' | 'persist' | 'publish';
 
 export const HOLD_ENV = 'TLC_TEST_HOLD_AT';
 

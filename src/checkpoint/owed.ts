@@ -4,6 +4,7 @@ import { errorText, isErrnoCode } from '../core/errors.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { PRIVATE_FILE_MODE } from '../core/paths.js';
 import { QmpClient } from '../qmp/client.js';
+import { type DiskLeftovers, removeLeftovers } from '../disk/capture.js';
 import type { CheckpointMode } from '../store/manifest.js';
 import { type ProcessIdentity, identify, isAlive } from '../vm/process.js';
 import { type VmRecord, listVms, vmDir } from '../vm/registry.js';
@@ -29,6 +30,8 @@ export interface OwedRecord {
   resume: boolean;
   /** A background snapshot (`cow`) is waited for, never cancelled: that freezes the guest on 7.2. */
   mode: CheckpointMode;
+  /** Disk copies it may have started: jobs, target nodes, bitmaps (removed if present). */
+  disk?: DiskLeftovers;
   settings: MigrationSettings;
   checkpointId: string;
   since: string;
@@ -86,6 +89,10 @@ export async function settleOwed(vm: string): Promise<string | undefined> {
       if (!(await waitMigrationEnd(qmp, 60_000)))
         return `VM ${vm}: the background snapshot of an interrupted checkpoint is still running; try again later`;
     } else if (await cancelMigration(qmp)) done.push('cancelled its migration');
+    if (owed.disk) {
+      const removed = await removeLeftovers(qmp, owed.disk);
+      if (removed.length > 0) done.push('removed its unfinished disk copies');
+    }
     const status = await qmp.execute('query-status');
     await restoreMigrationSettings(qmp, owed.settings, owed.qemu.pid);
     done.push('put back its migration settings');

@@ -9,6 +9,7 @@ import { CheckpointError, InterruptedError, QmpError, errorText } from '../core/
 import { PRIVATE_DIR_MODE } from '../core/paths.js';
 import type { QmpClient } from '../qmp/client.js';
 import type { StatusInfo } from '../qmp/types.js';
+import type { DiskCapture, DiskLeftovers } from '../disk/capture.js';
 import type { CheckpointMode } from '../store/manifest.js';
 import type { CheckpointStore } from '../store/store.js';
 import type { GuestRam } from '../vm/guest-ram.js';
@@ -38,6 +39,7 @@ export class CheckpointSession {
   private owes = false;
   private disposed = false;
   guestRam: GuestRam | undefined;
+  disks: DiskCapture | undefined;
   receiver: CheckpointReceiver | undefined;
   /** A migration was started and may still run. */
   migrating = false;
@@ -125,7 +127,7 @@ export class CheckpointSession {
    * changed, what this checkpoint owes the VM: a kill that runs no handler is settled by the
    * next tlc command.
    */
-  async owe(): Promise<void> {
+  async owe(disk?: DiskLeftovers): Promise<void> {
     const running = (await this.qmp.execute('query-migrate')).status;
     if (running && !['none', 'completed', 'failed', 'cancelled'].includes(running))
       throw new CheckpointError(
@@ -139,6 +141,7 @@ export class CheckpointSession {
       qmpSocket: this.record.paths.qmpSocket,
       resume: this.wasRunning,
       mode: this.mode ?? 'live',
+      ...(disk ? { disk } : {}),
       settings: this.saved,
       checkpointId: this.id,
     });
@@ -174,6 +177,14 @@ export class CheckpointSession {
         if (await cancelMigration(this.qmp)) done.push('cancelled the migration');
       } catch (err) {
         done.push(`could not cancel the migration (${errorText(err)})`);
+      }
+      if (this.disks) {
+        try {
+          const removed = await this.disks.abort();
+          if (removed.length > 0) done.push(`removed the disk copies it had started in QEMU`);
+        } catch (err) {
+          done.push(`could not remove its disk copies from QEMU (${errorText(err)})`);
+        }
       }
       if (this.wasRunning) {
         try {

@@ -18,6 +18,7 @@ import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
 import { GuestRam } from '../vm/guest-ram.js';
 import { RAM_BACKEND_ID } from '../vm/spec.js';
+import { DiskCapture } from '../disk/capture.js';
 import { holdAt, holdsAt } from './hold.js';
 import { CheckpointReceiver } from './receiver.js';
 import { CheckpointSession, resume } from './session.js';
@@ -28,6 +29,8 @@ import { NO_THROTTLE_YET, TICK_MS, superviseMigration } from './supervise.js';
 /** QEMU's 128 MiB/s default cap makes live checkpoints of busy guests never end; the receiver is local. */
 const UNLIMITED_BANDWIDTH = 1024 * 1024 * 1024 * 1024;
 const DEFAULT_DOWNTIME_LIMIT_MS = 300;
+/** A disk copy that takes longer than this fails the checkpoint (the VM keeps running). */
+const DISK_COPY_TIMEOUT_MS = 30 * 60_000;
 /** Rate assumed for a default deadline before any checkpoint of the VM measured one. */
 const NOMINAL_TRANSFER_BPS = 512 * 1024 * 1024;
 /** TCG fix-up cost per MiB of guest RAM, measured 0.3-0.9 ms; the planner assumes the high end. */
@@ -63,6 +66,11 @@ export interface CheckpointOptions {
   onStage?: (line: string) => void;
   /** Aborting (Ctrl-C) cancels the checkpoint and undoes everything; the VM keeps running. */
   signal?: AbortSignal;
+  /**
+   * Checkpoint although a writable disk cannot be saved consistently (a disk tlc does not manage);
+   * the manifest and `tlc show` say it was not captured.
+   */
+  allowInconsistentDisks?: boolean;
   /** HMAC key file; default `$TLC_SIGN_KEY`, else the per-user key (created on first use). */
   signKeyFile?: string;
 }
@@ -148,6 +156,36 @@ async function runCheckpoint(
   const socketPath = session.socketPath();
   let tcgFixup: { pages: number; ms: number } | undefined;
 
+  // Disks are saved at the instant memory is: plan (and refuse what cannot be made consistent)
+  // before anything in QEMU changes, and record what a killed tlc would leave behind.
+  const disks = await DiskCapture.plan({
+    qmp,
+    spec: record.spec,
+    checkpointId: id,
+    previous: session.store.list().filter((c) => c.manifest.vm.name === record.spec.name),
+    allowInconsistent: Boolean(opts.allowInconsistentDisks),
+  });
+  session.disks = disks;
+  await session.owe(disks.active ? disks.leftovers(2) : undefined);
+  const diskTiming = { pauseMs: 0, copyMs: 0, startedAt: 0 };
+  if (disks.active) {
+    await disks.prepare(staging);
+    if (mode === 'live') {
+      // Pre-copy for disks: a full (or incremental) copy while the guest runs; the switchover
+      // then copies only what changed since, inside QEMU's pre-switchover pause.
+      const started = performance.now();
+      await disks.start();
+      await session.guard(disks.wait(DISK_COPY_TIMEOUT_MS, opts.signal));
+      diskTiming.copyMs += performance.now() - started;
+      stage(
+        `disk pre-copy (guest running): ${(disks.copiedBytes / 2 ** 20).toFixed(1)} MiB in ${diskTiming.copyMs.toFixed(0)} ms`,
+      );
+      await disks.prepare(staging);
+    }
+  }
+  let switchover: Promise<void> | undefined;
+  let unthrottled: Promise<void> | undefined;
+
   const t0 = performance.now();
   const now = (): number => performance.now() - t0;
   const marks: StageMarks = { mode, passes: 0 };
@@ -189,6 +227,17 @@ async function runCheckpoint(
         receiver.pauseReading();
         void holdAt('streaming', opts.signal).catch(() => undefined);
       }
+    } else if (ev.event === 'MIGRATION' && ev.data?.status === 'pre-switchover' && !switchover) {
+      // QEMU stopped the guest and waits: the disks' final copy happens at this very instant.
+      switchover = (async () => {
+        const started = performance.now();
+        await disks.start();
+        await disks.wait(DISK_COPY_TIMEOUT_MS, opts.signal);
+        await qmp.execute('migrate-continue', { state: 'pre-switchover' });
+        diskTiming.pauseMs = performance.now() - started;
+        diskTiming.copyMs += diskTiming.pauseMs;
+      })();
+      switchover.catch((err: unknown) => receiver.abort(err instanceof Error ? err : new Error(String(err))));
     } else if (ev.event === 'MIGRATION_PASS') {
       marks.passes = Number(ev.data?.pass ?? marks.passes);
       if (marks.passes === 2 && mode === 'live') {
@@ -203,6 +252,11 @@ async function runCheckpoint(
     } else if (ev.event === 'RESUME' && marks.stopTs !== undefined && marks.resumeTs === undefined) {
       marks.resumed ??= { t: now() };
       marks.resumeTs = eventTime(ev);
+      if (mode === 'cow' && disks.active) {
+        // The copy started at a crawl so it would not slow the snapshot's start; now it may run.
+        unthrottled = holdAt('disk-copy', opts.signal).then(() => disks.unthrottle());
+        unthrottled.catch(() => undefined);
+      }
     }
   };
   qmp.on('event', onEvent);
@@ -234,7 +288,6 @@ async function runCheckpoint(
       `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
     );
     session.throwIfInterrupted();
-    await session.owe();
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },
@@ -245,7 +298,8 @@ async function runCheckpoint(
         { capability: 'postcopy-ram', state: false },
         { capability: 'multifd', state: false },
         { capability: 'return-path', state: false },
-        { capability: 'pause-before-switchover', state: false },
+        // Live mode with disks: QEMU waits, guest stopped, for tlc to copy the disks' last changes.
+        { capability: 'pause-before-switchover', state: mode === 'live' && disks.active },
       ],
     });
     await qmp.execute('migrate-set-parameters', {
@@ -257,6 +311,15 @@ async function runCheckpoint(
       await qmp.execute('stop');
       marks.stopped ??= { t: now(), bytes: 0 };
       await session.guard(holdAt('stopped', opts.signal));
+    }
+    if (disks.active && mode !== 'live') {
+      // stop: the guest is stopped. cow: stop it for the instant; the background snapshot
+      // resumes it. The copy runs on after that, point-in-time through copy-before-write.
+      if (mode === 'cow' && wasRunning) await qmp.execute('stop');
+      const started = performance.now();
+      diskTiming.startedAt = started;
+      await disks.start(mode === 'cow' ? 1 : undefined);
+      diskTiming.pauseMs = performance.now() - started;
     }
     session.throwIfInterrupted();
     await qmp.execute('migrate', { uri: `unix:${socketPath}` });
@@ -277,6 +340,7 @@ async function runCheckpoint(
       }),
     );
     if (resumed) await session.guard(resumed);
+    if (switchover) await session.guard(switchover);
     session.migrating = false;
     if (control) control.metDeadline = (marks.resumed?.t ?? now()) <= control.deadlineMs;
     const info = await session.guard(finalInfo(qmp));
@@ -292,6 +356,12 @@ async function runCheckpoint(
       bytesReceived: receiver.bytesReceived,
       passes: marks.passes,
     });
+    if (disks.active && mode !== 'live') {
+      if (unthrottled) await session.guard(unthrottled);
+      else await disks.unthrottle();
+      await session.guard(disks.wait(DISK_COPY_TIMEOUT_MS, opts.signal));
+      diskTiming.copyMs = performance.now() - diskTiming.startedAt;
+    }
     await session.guard(holdAt('persist', opts.signal));
     const received = await session.guard(receiver.persist());
     const manifest: Manifest = {
@@ -306,6 +376,7 @@ async function runCheckpoint(
       pageSize: 4096,
       ramSection: received.ramSection,
       blocks: received.blocks,
+      ...(record.spec.disks?.length || disks.active ? { disks: disks.describe(staging) } : {}),
       configSha256: received.configSha256,
       device: received.device,
       vmWasRunning: wasRunning,
@@ -314,6 +385,15 @@ async function runCheckpoint(
         // Data files are fsynced here; the returned copy below says when the rename made it all durable.
         durableMs: now(),
         warmUpMs,
+        ...(disks.active
+          ? {
+              disk: {
+                pauseMs: Math.round(diskTiming.pauseMs * 10) / 10,
+                copiedBytes: disks.copiedBytes,
+                copyMs: Math.round(diskTiming.copyMs),
+              },
+            }
+          : {}),
         ...(tcgFixup ? { tcgFixup } : {}),
         ...(control ? { control } : {}),
       },
@@ -323,6 +403,8 @@ async function runCheckpoint(
     await session.guard(holdAt('publish', opts.signal));
     session.throwIfInterrupted();
     const dir = session.publish();
+    // The new bitmaps now record changes since this checkpoint; the parent's are done.
+    await disks.committed().catch(() => undefined);
     manifest.metrics.durableMs = now();
     const x = manifest.metrics;
     stage(

@@ -97,6 +97,10 @@ export function registerCheckpointCommands(program: Command): void {
     .option('--max-bandwidth <rate>', "cap QEMU's send rate, e.g. 64MiB/s (default: unlimited)")
     .option('--timeout <duration>', 'give up (the VM keeps running) after this long', '10m')
     .option(
+      '--allow-inconsistent-disks',
+      'checkpoint even if a writable disk cannot be saved at the same instant (it is marked not captured)',
+    )
+    .option(
       '--sign-key <file>',
       'HMAC key to sign the checkpoint with (default: $TLC_SIGN_KEY or ~/.config/tlc/sign.key, created on first use)',
     )
@@ -110,6 +114,7 @@ export function registerCheckpointCommands(program: Command): void {
             signal,
             vm,
             ...(o.signKey ? { signKeyFile: o.signKey } : {}),
+            allowInconsistentDisks: Boolean(o.allowInconsistentDisks),
             mode: parseMode(o.mode as string),
             store: storeOf(o),
             maxDowntimeMs: parseDuration(o.maxDowntime as string, '--max-downtime'),

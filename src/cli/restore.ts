@@ -20,6 +20,10 @@ export function registerRestoreCommand(program: Command): void {
       'replay QEMU arguments recorded in the checkpoint when this host has no record of the VM (printed first)',
     )
     .option(
+      '--disk-target <dir>',
+      "where the restored VM's new disk overlays go (default: the VM's directory)",
+    )
+    .option(
       '--sign-key <file>',
       'HMAC key that signed the checkpoint (default: $TLC_SIGN_KEY or ~/.config/tlc/sign.key)',
     )
@@ -42,6 +46,7 @@ export function registerRestoreCommand(program: Command): void {
         trustCheckpointArgs: Boolean(o.trustCheckpointArgs),
         ...(o.signKey ? { signKeyFile: String(o.signKey) } : {}),
         allowUnsigned: Boolean(o.allowUnsigned),
+        ...(o.diskTarget ? { diskTarget: String(o.diskTarget) } : {}),
         timeoutMs: parseDuration(String(o.timeout), '--timeout'),
         log: note,
       });

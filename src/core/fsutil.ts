@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { PersistError } from './errors.js';
@@ -35,4 +36,24 @@ export function writeFileAtomic(file: string, data: string | Uint8Array, mode: n
   fs.closeSync(fd);
   step('rename', file, () => fs.renameSync(tmp, file));
   fsyncDir(path.dirname(file));
+}
+
+/** Size and SHA-256 of a whole file, read through one 4 MiB buffer; `fsync` first if asked. */
+export function hashFile(file: string, opts: { fsync?: boolean } = {}): { bytes: number; sha256: string } {
+  const fd = step('open', file, () => fs.openSync(file, 'r'));
+  try {
+    if (opts.fsync) step('fsync', file, () => fs.fsyncSync(fd));
+    const hash = createHash('sha256');
+    const buf = Buffer.allocUnsafe(4 * 1024 * 1024);
+    let bytes = 0;
+    for (;;) {
+      const n = step('read', file, () => fs.readSync(fd, buf, 0, buf.length, bytes));
+      if (n <= 0) break;
+      hash.update(buf.subarray(0, n));
+      bytes += n;
+    }
+    return { bytes, sha256: hash.digest('hex') };
+  } finally {
+    fs.closeSync(fd);
+  }
 }

@@ -115,12 +115,53 @@ export interface QmpCommands {
   'migrate-incoming': [{ uri: string }, Record<string, never>];
   'calc-dirty-rate': [{ 'calc-time': number; 'sample-pages'?: number }, Record<string, never>];
   'query-dirty-rate': [undefined, { status: 'unstarted' | 'measuring' | 'measured'; 'dirty-rate'?: number }];
+  'migrate-continue': [{ state: 'pre-switchover' }, Record<string, never>];
+  transaction: [{ actions: TransactionAction[] }, Record<string, never>];
+  'blockdev-add': [Record<string, unknown>, Record<string, never>];
+  'blockdev-del': [{ 'node-name': string }, Record<string, never>];
+  'block-dirty-bitmap-remove': [{ node: string; name: string }, Record<string, never>];
+  'block-job-set-speed': [{ device: string; speed: number }, Record<string, never>];
+  'block-job-cancel': [{ device: string; force?: boolean }, Record<string, never>];
+  'query-block-jobs': [undefined, { device: string; type: string; status?: string; len: number; offset: number }[]];
+  'query-block': [
+    undefined,
+    { device: string; qdev?: string; inserted?: { 'node-name': string; ro: boolean; file: string; drv: string } }[],
+  ];
+  'query-named-block-nodes': [
+    { flat?: boolean } | undefined,
+    {
+      'node-name': string;
+      drv: string;
+      file: string;
+      ro: boolean;
+      image: { 'virtual-size': number; filename: string; format: string };
+      'dirty-bitmaps'?: { name?: string; count: number; granularity: number }[];
+    }[],
+  ];
   stop: [undefined, Record<string, never>];
   cont: [undefined, Record<string, never>];
   quit: [undefined, Record<string, never>];
 }
 
 export type QmpCommandName = keyof QmpCommands;
+
+/** One action of a QMP `transaction`: all happen at the same instant, or none. */
+export type TransactionAction =
+  | { type: 'block-dirty-bitmap-add'; data: { node: string; name: string; persistent?: boolean } }
+  | {
+      type: 'blockdev-backup';
+      data: {
+        'job-id': string;
+        device: string;
+        target: string;
+        sync: 'full' | 'bitmap' | 'top' | 'none';
+        bitmap?: string;
+        'bitmap-mode'?: 'on-success' | 'never' | 'always';
+        speed?: number;
+        'auto-finalize'?: boolean;
+        'auto-dismiss'?: boolean;
+      };
+    };
 
 export interface QmpEvent {
   event: string;

@@ -17,7 +17,8 @@ import { deathCheck, launchQemu } from '../vm/launch.js';
 import { isHeartbeatLine, qemuLogFile, type Log } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
 import { findQemu, listMachines } from '../vm/qemu.js';
-import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm } from '../vm/registry.js';
+import { restoreDisks } from '../disk/restore-disks.js';
+import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm, vmDir } from '../vm/registry.js';
 import { RAM_BACKEND_ID, type VmSpec, validateVmName } from '../vm/spec.js';
 import { assertCompatible } from './compat.js';
 import { type SynthesisStats, synthesizeStream } from './synthesize.js';
@@ -37,6 +38,8 @@ export interface RestoreOptions {
    * checkpoint is refused, since arguments like `-netdev tap,script=...` run programs.
    */
   trustCheckpointArgs?: boolean;
+  /** Directory for the restored VM's new disk overlays (default: the VM's own directory). */
+  diskTarget?: string;
   /** HMAC key file (default `$TLC_SIGN_KEY` or the per-user key). */
   signKeyFile?: string;
   /** Restore a checkpoint without a signature although a key is configured. */
@@ -103,12 +106,34 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
         ? { kind: 'file', path: checkpointFilePath(ckpt.dir, ramBlock.file), share: false }
         : { kind: 'memfd' },
   };
+  const disks = await restoreDisks({
+    ckpt,
+    store,
+    targetDir: opts.diskTarget ? path.resolve(opts.diskTarget) : vmDir(name),
+    vmName: name,
+    log,
+    verifyParent: (parent) =>
+      assertVerified(
+        verifyCheckpoint(parent, Boolean(opts.verify), {
+          ...(signing ? { key: signing.key } : {}),
+          allowUnsigned: Boolean(opts.allowUnsigned),
+        }),
+      ),
+  });
+  if (disks.length > 0) spec.disks = disks.map((d) => d.disk);
+  const overlays = disks.filter((d) => d.backedBy).map((d) => d.disk.path);
   const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-restore-'));
   fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
   const incoming = path.join(socketDir, 'incoming.sock');
   const paths = runtimePaths(name);
   const logFile = qemuLogFile(name);
-  const launched = await launchQemu(spec, { ...paths, incoming: `unix:${incoming}` }, { logFile });
+  let launched;
+  try {
+    launched = await launchQemu(spec, { ...paths, incoming: `unix:${incoming}` }, { logFile });
+  } catch (err) {
+    for (const file of [socketDir, ...overlays]) fs.rmSync(file, { recursive: true, force: true });
+    throw err;
+  }
   const { qmp } = launched;
   const check = deathCheck(launched.process, logFile, 'while loading the checkpoint');
   try {
@@ -142,6 +167,8 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   } catch (err) {
     kill(launched.process);
     await waitExit(launched.process, 3000);
+    // A VM that never ran leaves no disks behind; the checkpoint's own layers were never written.
+    for (const file of overlays) fs.rmSync(file, { force: true });
     throw err instanceof TlcError
       ? err
       : new RestoreError('E_RESTORE', `Restore of ${ckpt.id} failed: ${errorText(err)}`, { cause: err });

@@ -65,6 +65,13 @@ export function formatSupport(version: readonly [number, number], where: string)
 export const IMAGE_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img$/;
 export const SUMS_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.sums$/;
 
+/** A disk layer: `disk<disk index>-<layer index>.qcow2`. */
+export const DISK_LAYER_RE = /^disk(0|[1-9][0-9]?)-(0|[1-9])\.qcow2$/;
+
+export function diskLayerFileName(disk: number, layer: number): string {
+  return `disk${disk}-${layer}.qcow2`;
+}
+
 export function imageFileName(index: number): string {
   return `block-${index}.img`;
 }
@@ -74,7 +81,13 @@ export function sumsFileName(index: number): string {
 }
 
 export function isTlcFileName(name: string): boolean {
-  return name === DEVICE_FILE || name === CONFIG_FILE || IMAGE_FILE_RE.test(name) || SUMS_FILE_RE.test(name);
+  return (
+    name === DEVICE_FILE ||
+    name === CONFIG_FILE ||
+    IMAGE_FILE_RE.test(name) ||
+    SUMS_FILE_RE.test(name) ||
+    DISK_LAYER_RE.test(name)
+  );
 }
 
 /** `dir/name` for one of tlc's own file names; refuses anything else (a manifest is hostile input). */
@@ -100,6 +113,41 @@ export interface ManifestBlock {
   dataPages: number;
 }
 
+/** One qcow2 file of a disk's state, owned by the checkpoint that wrote it. */
+export interface DiskLayer {
+  /** `disk<d>-<l>.qcow2` in this checkpoint's directory. */
+  file: string;
+  /** Size of the file, and its SHA-256 at publish time. */
+  bytes: number;
+  sha256: string;
+  /** Name in the layer's qcow2 header of the layer below it (checked before QEMU opens it). */
+  backing?: string;
+}
+
+/**
+ * A VM disk in a checkpoint. Its state is a chain of qcow2 layers: this checkpoint's layers
+ * (bottom to top), over `parent`'s chain when the copy was incremental.
+ */
+export interface ManifestDisk {
+  /** virtio-blk device id and format node name, as the VM had them. */
+  device: string;
+  node: string;
+  /** Format of the VM's own image, and its size as the guest sees it. */
+  format: 'qcow2' | 'raw';
+  virtualSize: number;
+  /** False for a disk tlc did not capture (read-only, or `--allow-inconsistent-disks`). */
+  captured: boolean;
+  /** Why a disk was not captured. */
+  reason?: string;
+  layers: DiskLayer[];
+  /** The checkpoint whose top layer this checkpoint's bottom layer is backed by. */
+  parent?: { checkpoint: string; file: string };
+  /** Dirty bitmap left in the VM's QEMU recording writes since this checkpoint (for the next). */
+  bitmap?: string;
+  /** Guest data this checkpoint copied (the changed clusters when incremental). */
+  copiedBytes: number;
+}
+
 export interface StageMetrics {
   /** Includes `warmUpMs`: faulting in the page table before QEMU starts sending. */
   setupMs: number;
@@ -121,6 +169,8 @@ export interface StageMetrics {
   tcgFixup?: { pages: number; ms: number };
   /** Live mode: what the time-bound controller did. */
   control?: ControlReport;
+  /** Extra pause the disk step added (ms the VM stayed stopped for it), and bytes it copied. */
+  disk?: { pauseMs: number; copiedBytes: number; copyMs: number };
 }
 
 export interface ControlReport {
@@ -147,6 +197,8 @@ export interface Manifest {
   blocks: ManifestBlock[];
   configSha256: string;
   device: { file: string; bytes: number; sha256: string; sections: number; runstate?: string };
+  /** The VM's disks (absent in checkpoints of VMs without disks and before format 1.1). */
+  disks?: ManifestDisk[];
   metrics: StageMetrics;
   /**
    * Whether the VM was running when the checkpoint was taken. A stop-mode stream records the

@@ -3,6 +3,7 @@ import { TlcError } from '../core/errors.js';
 import { validateVmName } from '../vm/spec.js';
 import {
   DEVICE_FILE,
+  DISK_LAYER_RE,
   IMAGE_FILE_RE,
   MANIFEST_FORMAT_MINOR,
   MANIFEST_MAGIC,
@@ -186,6 +187,50 @@ function manifestSchema(strict: boolean) {
         .regex(/^[a-z][a-z0-9-]{0,31}$/, 'must be a QEMU run state')
         .optional(),
     }),
+    disks: z
+      .array(
+        obj({
+          device: qemuId(),
+          node: qemuId(),
+          format: z.enum(['qcow2', 'raw']),
+          virtualSize: z
+            .number()
+            .int()
+            .min(0)
+            .max(2 ** 50),
+          captured: z.boolean(),
+          reason: text(1024).optional(),
+          layers: z
+            .array(
+              obj({
+                file: z.string().regex(DISK_LAYER_RE, 'must be a tlc disk layer name (disk<d>-<l>.qcow2)'),
+                bytes: z
+                  .number()
+                  .int()
+                  .min(0)
+                  .max(2 ** 50),
+                sha256: sha256(),
+                backing: z.string().max(512).optional(),
+              }),
+            )
+            .max(4),
+          parent: obj({
+            checkpoint: idName(128),
+            file: z.string().regex(DISK_LAYER_RE, 'must be a tlc disk layer name'),
+          }).optional(),
+          bitmap: z
+            .string()
+            .regex(/^tlc-[A-Za-z0-9_.-]{1,160}$/, 'must be a tlc bitmap name')
+            .optional(),
+          copiedBytes: z
+            .number()
+            .int()
+            .min(0)
+            .max(2 ** 50),
+        }),
+      )
+      .max(64)
+      .optional(),
     metrics: metricsSchema,
     vmWasRunning: z.boolean(),
     guestHeartbeatSeqBefore: count().optional(),

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { TlcError, errorText } from '../core/errors.js';
+import { hashFile } from '../core/fsutil.js';
 import { CONFIG_FILE, SUMS_CHUNK_BYTES, checkpointFilePath, sha256Hex } from './manifest.js';
 import { type SignatureStatus, checkSignature } from './sign.js';
 import type { StoredCheckpoint } from './store.js';
@@ -109,6 +110,21 @@ export function verifyCheckpoint(
       bytesChecked += block.usedLength;
     } catch (err) {
       problems.push(err instanceof TlcError ? err.message : String(err));
+    }
+  }
+  for (const disk of m.disks ?? []) {
+    for (const layer of disk.layers) {
+      const label = `${layer.file} (disk ${disk.device})`;
+      const size = regularFile(layer.file, label);
+      if (size === undefined) continue;
+      if (size !== layer.bytes) {
+        problems.push(`${label}: ${size} bytes, expected ${layer.bytes}`);
+        continue;
+      }
+      if (!full) continue;
+      if (hashFile(path.join(ckpt.dir, layer.file)).sha256 !== layer.sha256)
+        problems.push(`${label}: checksum mismatch`);
+      bytesChecked += size;
     }
   }
   return {

@@ -19,6 +19,7 @@ import { ConsoleTail } from './console.js';
 import { deathCheck, launchQemu } from './launch.js';
 import { identify, isAlive, kill, readCmdline, terminate, waitExit } from './process.js';
 import { findQemu, resolveMachine } from './qemu.js';
+import { qemuImgBinary } from './qemu-img.js';
 import { type VmRecord, claimVmName, loadVm, runtimePaths, saveVm, vmDir, vmState } from './registry.js';
 import {
   DISK_FORMATS,
@@ -86,12 +87,6 @@ export interface StartedVm {
   accel: AccelChoice;
   /** ms from QEMU spawn until the VM was ready (first heartbeat, the `ready` line, or QMP up). */
   bootMs: number;
-}
-
-/** The `qemu-img` beside the QEMU binary when there is one, else from PATH. */
-function qemuImgBinary(qemuBinary: string): string {
-  const beside = path.join(path.dirname(qemuBinary), 'qemu-img');
-  return qemuBinary.includes('/') && fs.existsSync(beside) ? beside : 'qemu-img';
 }
 
 /**

@@ -176,6 +176,7 @@ async function runCheckpoint(
       const started = performance.now();
       await disks.start();
       await session.guard(disks.wait(DISK_COPY_TIMEOUT_MS, opts.signal));
+      await disks.close();
       diskTiming.copyMs += performance.now() - started;
       stage(
         `disk pre-copy (guest running): ${(disks.copiedBytes / 2 ** 20).toFixed(1)} MiB in ${diskTiming.copyMs.toFixed(0)} ms`,
@@ -236,6 +237,7 @@ async function runCheckpoint(
         await qmp.execute('migrate-continue', { state: 'pre-switchover' });
         diskTiming.pauseMs = performance.now() - started;
         diskTiming.copyMs += diskTiming.pauseMs;
+        await disks.close();
       })();
       switchover.catch((err: unknown) => receiver.abort(err instanceof Error ? err : new Error(String(err))));
     } else if (ev.event === 'MIGRATION_PASS') {
@@ -361,9 +363,15 @@ async function runCheckpoint(
       else await disks.unthrottle();
       await session.guard(disks.wait(DISK_COPY_TIMEOUT_MS, opts.signal));
       diskTiming.copyMs = performance.now() - diskTiming.startedAt;
+      await disks.close();
     }
     await session.guard(holdAt('persist', opts.signal));
     const received = await session.guard(receiver.persist());
+    const savedDisks = disks.describe(staging);
+    for (const d of savedDisks.filter((x) => !x.captured && !x.reason?.startsWith('read-only')))
+      stage(
+        `WARNING: disk ${d.device} is NOT in this checkpoint (${d.reason}); a restore reopens it as it is then`,
+      );
     const manifest: Manifest = {
       magic: MANIFEST_MAGIC,
       formatVersion: [MANIFEST_FORMAT_MAJOR, MANIFEST_FORMAT_MINOR],
@@ -376,7 +384,7 @@ async function runCheckpoint(
       pageSize: 4096,
       ramSection: received.ramSection,
       blocks: received.blocks,
-      ...(record.spec.disks?.length || disks.active ? { disks: disks.describe(staging) } : {}),
+      ...(savedDisks.length > 0 ? { disks: savedDisks } : {}),
       configSha256: received.configSha256,
       device: received.device,
       vmWasRunning: wasRunning,

@@ -4,7 +4,8 @@ import { interruptible } from './interrupt.js';
 import { TlcError, UsageError, errorText } from '../core/errors.js';
 import type { CheckpointMode, Manifest } from '../store/manifest.js';
 import { checkSignature, loadSigningKey } from '../store/sign.js';
-import { CheckpointStore } from '../store/store.js';
+import { CheckpointStore, type DiskChain, type StoredCheckpoint, diskLayerBytes } from '../store/store.js';
+import { type VmRecord, listVms, vmState } from '../vm/registry.js';
 import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
 import { formatBytes, formatMs, note, printJson, printTable } from './output.js';
 import { ProgressLine } from './progress.js';
@@ -64,6 +65,11 @@ export function printStages(m: Manifest, print: (line: string) => void): void {
     `  stage 3 (stopped)   ${formatBytes(x.stage3.bytes)}, downtime ${x.stage3.downtimeMs.toFixed(1)} ms` +
       (x.qemuDowntimeMs !== undefined ? ` (QEMU reports ${x.qemuDowntimeMs} ms)` : ''),
   );
+  if (x.disk)
+    print(
+      `  disk step           pause ${x.disk.pauseMs.toFixed(1)} ms (the VM stopped for it), ` +
+        `${formatBytes(x.disk.copiedBytes)} copied in ${formatMs(x.disk.copyMs)}`,
+    );
   if (x.tcgFixup)
     print(
       `  TCG fix-up          ${x.tcgFixup.pages} stale pages replaced from guest RAM in ${formatMs(x.tcgFixup.ms)}`,
@@ -145,7 +151,7 @@ export function registerCheckpointCommands(program: Command): void {
       const all = storeOf(o).list();
       if (o.json) return printJson(all.map((c) => ({ id: c.id, dir: c.dir, ...summary(c.manifest) })));
       printTable(
-        ['ID', 'VM', 'MODE', 'CREATED', 'RAM', 'STORED', 'DOWNTIME'],
+        ['ID', 'VM', 'MODE', 'CREATED', 'RAM', 'STORED', 'DISKS', 'DOWNTIME'],
         all.map((c) => [
           c.id,
           c.manifest.vm.name,
@@ -153,6 +159,7 @@ export function registerCheckpointCommands(program: Command): void {
           c.manifest.createdAt.replace('T', ' ').slice(0, 19),
           `${c.manifest.vm.memMiB}M`,
           formatBytes(c.manifest.metrics.bytesStored),
+          diskBytesOf(c.manifest) === undefined ? '-' : formatBytes(diskBytesOf(c.manifest) as number),
           `${c.manifest.metrics.stage3.downtimeMs.toFixed(1)} ms`,
         ]),
       );
@@ -166,8 +173,11 @@ export function registerCheckpointCommands(program: Command): void {
     .option('--sign-key <file>', SIGN_KEY_HELP)
     .option('--json', 'print the manifest as JSON')
     .action((ref: string, o: StoreFlags & KeyFlags) => {
-      const c = storeOf(o).resolve(ref);
-      if (o.json) return printJson({ dir: c.dir, ...c.manifest });
+      const store = storeOf(o);
+      const c = store.resolve(ref);
+      const chains = store.diskChains(c);
+      if (o.json)
+        return printJson({ dir: c.dir, ...c.manifest, ...(c.manifest.disks ? { diskChains: chains } : {}) });
       const out = (line: string): void => void process.stdout.write(line + '\n');
       let signature: string;
       try {
@@ -192,6 +202,7 @@ export function registerCheckpointCommands(program: Command): void {
       out(
         `  device state        ${formatBytes(c.manifest.device.bytes)} in ${c.manifest.device.sections} sections`,
       );
+      for (const line of describeDisks(c, chains)) out(line);
     });
 
   program
@@ -204,14 +215,21 @@ export function registerCheckpointCommands(program: Command): void {
     .option('--json', 'print the report as JSON')
     .action((ref: string, o: StoreFlags & KeyFlags) => {
       const key = checkingKey(o);
-      const report = verifyCheckpoint(storeOf(o).resolve(ref), true, {
-        ...(key ? { key } : {}),
-        allowUnsigned: Boolean(o.allowUnsigned),
-      });
+      const store = storeOf(o);
+      const ckpt = store.resolve(ref);
+      const opts = { ...(key ? { key } : {}), allowUnsigned: Boolean(o.allowUnsigned) };
+      const chains = store.diskChains(ckpt);
+      const report = verifyDiskChains(store, chains, verifyCheckpoint(ckpt, true, opts), (parent) =>
+        verifyCheckpoint(parent, true, opts),
+      );
       if (o.json) printJson(report);
       else {
         const allowed = report.signature === 'unsigned' && key && o.allowUnsigned ? ' (allowed)' : '';
         note(`${report.id}: ${describeSignature(report.signature, report.keyId)}${allowed}`);
+        for (const chain of chains.filter((d) => d.captured && d.incremental && !d.broken))
+          note(
+            `${report.id}: disk ${chain.device} builds on ${chain.checkpoints.slice(1).join(' <- ')}, checked too`,
+          );
         if (report.ok) note(`${report.id}: ok (${formatBytes(report.bytesChecked)} checked)`);
         for (const p of report.problems) note(`${report.id}: ${p}`);
         if (report.signature === 'unsigned' && !report.ok && key && !o.allowUnsigned)
@@ -231,11 +249,123 @@ export function registerCheckpointCommands(program: Command): void {
       if (o.all && refs.length !== 1) {
         throw new UsageError(`rm --all takes exactly one VM name (got ${refs.length})`);
       }
+      const doomed = o.all
+        ? store
+            .list()
+            .filter((c) => c.manifest.vm.name === refs[0])
+            .map((c) => c.id)
+        : refs;
+      assertNotInUse(store, doomed, listVms());
       const removed = o.all ? store.removeAllOf(refs[0] as string) : store.removeIds(refs);
       for (const c of removed) note(`removed ${c.id}`);
     });
 }
 
 function summary(m: Manifest): Record<string, unknown> {
-  return { vm: m.vm.name, mode: m.mode, createdAt: m.createdAt, memMiB: m.vm.memMiB, metrics: m.metrics };
+  const diskBytes = diskBytesOf(m);
+  return {
+    vm: m.vm.name,
+    mode: m.mode,
+    createdAt: m.createdAt,
+    memMiB: m.vm.memMiB,
+    ...(diskBytes !== undefined ? { diskBytes } : {}),
+    metrics: m.metrics,
+  };
+}
+
+/** Bytes of the disk layers a checkpoint itself stores; undefined when it stores none. */
+export function diskBytesOf(m: Manifest): number | undefined {
+  const layers = (m.disks ?? []).flatMap((d) => d.layers);
+  return layers.length === 0 ? undefined : (m.disks ?? []).reduce((n, d) => n + diskLayerBytes(d), 0);
+}
+
+/**
+ * `tlc show`'s lines for a checkpoint's disks: device, format, virtual size, bytes stored here and
+ * in the whole chain, full or incremental; a disk not captured is said loudly, with why.
+ */
+export function describeDisks(c: StoredCheckpoint, chains: readonly DiskChain[]): string[] {
+  const lines: string[] = [];
+  for (const d of chains) {
+    const head = `  disk ${d.device.padEnd(14)} ${d.format}, ${formatBytes(d.virtualSize)} virtual: `;
+    if (!d.captured) {
+      lines.push(`${head}NOT CAPTURED: ${d.reason ?? 'no reason recorded'}`);
+      continue;
+    }
+    const stored = `${formatBytes(d.storedBytes)} stored here`;
+    if (!d.incremental) {
+      lines.push(`${head}full copy, ${stored}`);
+      continue;
+    }
+    const over = `${head}incremental over ${c.manifest.disks?.find((x) => x.node === d.node)?.parent?.checkpoint}, ${stored}`;
+    const n = d.checkpoints.length;
+    if (!d.broken) {
+      lines.push(`${over}, ${formatBytes(d.chainBytes)} in its chain of ${n} checkpoints`);
+      continue;
+    }
+    // Only part of the chain could be followed: what was found is a lower bound.
+    const found = n > 1 ? `, at least ${formatBytes(d.chainBytes)} in its chain` : '';
+    lines.push(`${over}${found} (parent ${d.broken.checkpoint} ${d.broken.reason}: NOT RESTORABLE)`);
+  }
+  // Disks of the VM the manifest has no entry for: checkpoints taken before tlc saved disks.
+  for (const disk of c.manifest.vm.disks ?? []) {
+    if (chains.some((d) => d.node === disk.node)) continue;
+    lines.push(
+      `  disk ${disk.device.padEnd(14)} ${disk.format}: NOT CAPTURED: the checkpoint was taken before tlc saved disks`,
+    );
+  }
+  return lines;
+}
+
+/**
+ * Adds to a verify report what a checkpoint's disk chains need: every parent checkpoint present
+ * and itself verified (a restore checks the same and refuses otherwise).
+ */
+export function verifyDiskChains(
+  store: CheckpointStore,
+  chains: readonly DiskChain[],
+  report: VerifyReport,
+  verifyParent: (parent: StoredCheckpoint) => VerifyReport,
+): VerifyReport {
+  const problems = [...report.problems];
+  let bytesChecked = report.bytesChecked;
+  const checked = new Set<string>();
+  for (const chain of chains) {
+    if (!chain.captured) continue;
+    if (chain.broken) {
+      problems.push(
+        `disk ${chain.device}: builds on checkpoint ${chain.broken.checkpoint}, which is ${chain.broken.reason}: not restorable`,
+      );
+    }
+    for (const id of chain.checkpoints.slice(1)) {
+      if (checked.has(id)) continue;
+      checked.add(id);
+      const parent = verifyParent(store.resolve(id));
+      bytesChecked += parent.bytesChecked;
+      for (const p of parent.problems) problems.push(`disk ${chain.device}: parent ${id}: ${p}`);
+    }
+  }
+  return { ...report, problems, ok: problems.length === 0, bytesChecked };
+}
+
+/**
+ * Refuses (E_USAGE, naming the VM) to remove a checkpoint that a running VM's disks are backed
+ * by: a VM restored from a checkpoint runs on overlays over that checkpoint's layers and over
+ * every checkpoint those build on.
+ */
+export function assertNotInUse(
+  store: CheckpointStore,
+  ids: readonly string[],
+  vms: readonly VmRecord[],
+): void {
+  const doomed = new Set(ids);
+  for (const vm of vms) {
+    if (!vm.restoredFrom || (vm.spec.disks ?? []).length === 0 || vmState(vm) !== 'running') continue;
+    const used = store.ancestors(vm.restoredFrom).find((id) => doomed.has(id));
+    if (used === undefined) continue;
+    const via = used === vm.restoredFrom ? '' : ` (restored from ${vm.restoredFrom}, which builds on it)`;
+    throw new UsageError(
+      `Cannot remove ${used}: running VM ${vm.spec.name}'s disks are backed by its layers${via}; ` +
+        `stop the VM first (tlc vm stop ${vm.spec.name})`,
+    );
+  }
 }

@@ -39,6 +39,7 @@ interface Round {
   copied: Map<string, number>;
   done: Map<string, QmpEvent>;
   listener?: (ev: QmpEvent) => void;
+  wake?: () => void;
   started: boolean;
 }
 
@@ -211,7 +212,10 @@ export class DiskCapture {
     round.listener = (ev) => {
       if (ev.event !== 'BLOCK_JOB_COMPLETED' && ev.event !== 'BLOCK_JOB_ERROR') return;
       const job = String(ev.data?.device ?? '');
-      if (round.jobs.includes(job) && ev.event === 'BLOCK_JOB_COMPLETED') round.done.set(job, ev);
+      if (round.jobs.includes(job) && ev.event === 'BLOCK_JOB_COMPLETED') {
+        round.done.set(job, ev);
+        round.wake?.();
+      }
     };
     this.qmp.on('event', round.listener);
     const actions: TransactionAction[] = [];
@@ -255,17 +259,25 @@ export class DiskCapture {
     const round = this.rounds.at(-1);
     if (!round?.started) return;
     const deadline = Date.now() + timeoutMs;
+    let checks = 0;
     while (round.done.size < round.jobs.length) {
       if (signal?.aborted) throw signal.reason;
       if (Date.now() > deadline) throw new CheckpointError(`Disk copy did not finish within ${timeoutMs} ms`);
-      // Events may be missed across a reconnect; the job list is the truth.
+      // Woken by the completion event at once (this wait may sit inside the VM's pause); every
+      // tenth tick the job list is asked too, in case an event was lost.
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 20);
+        round.wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      round.wake = undefined;
+      if (++checks % 10 !== 0 || round.done.size === round.jobs.length) continue;
       const running = new Set((await this.qmp.execute('query-block-jobs')).map((j) => j.device));
-      for (const job of round.jobs) {
-        if (round.done.has(job) || running.has(job)) continue;
-        await new Promise((r) => setTimeout(r, 20));
-        if (!round.done.has(job)) throw new CheckpointError(`Disk copy ${job} ended without completing`);
-      }
-      await new Promise((r) => setTimeout(r, 10));
+      const lost = round.jobs.find((job) => !round.done.has(job) && !running.has(job));
+      if (lost && !round.done.has(lost))
+        throw new CheckpointError(`Disk copy ${lost} ended without completing`);
     }
     for (const [job, ev] of round.done) {
       const error = ev.data?.error;
@@ -274,12 +286,19 @@ export class DiskCapture {
       this.pendingJobs.delete(job);
     }
     if (round.listener) this.qmp.off('event', round.listener);
-    // The round's targets are complete: close them so their files are final.
+  }
+
+  /**
+   * Closes the newest round's complete targets so their files are final, and drops the bitmap
+   * that only bridged two rounds of this checkpoint. Outside any pause: nothing here is urgent.
+   */
+  async close(): Promise<void> {
+    const round = this.rounds.at(-1);
+    if (!round?.started) return;
     for (const node of round.targets) {
       await this.qmp.execute('blockdev-del', { 'node-name': node });
       this.created.nodes = this.created.nodes.filter((n) => n !== node);
     }
-    // A middle round's bitmap only bridged two rounds of this checkpoint.
     const before = this.rounds.at(-2);
     if (before) await this.removeBitmaps(before);
   }

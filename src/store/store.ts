@@ -4,7 +4,7 @@ import path from 'node:path';
 import { PersistError, StoreError, TlcError, errorText, isErrnoCode } from '../core/errors.js';
 import { fsyncDir } from '../core/fsutil.js';
 import { PRIVATE_DIR_MODE, defaultStoreDir } from '../core/paths.js';
-import { MANIFEST_FILE, type Manifest } from './manifest.js';
+import { MANIFEST_FILE, type Manifest, type ManifestDisk } from './manifest.js';
 import { openManifest } from './schema.js';
 
 const STAGING_PREFIX = '.tmp-';
@@ -19,6 +19,34 @@ export interface RemovedCheckpoint {
   id: string;
   dir: string;
 }
+
+/** One disk of a checkpoint with its whole layer chain followed through the store. */
+export interface DiskChain {
+  device: string;
+  node: string;
+  format: ManifestDisk['format'];
+  virtualSize: number;
+  captured: boolean;
+  reason?: string;
+  /** Bytes of this checkpoint's own layers of the disk. */
+  storedBytes: number;
+  /** Bytes of every layer of the chain (this checkpoint's and its parents'), as far as it could be followed. */
+  chainBytes: number;
+  /** Checkpoints the chain runs through, this one first, down to the full copy. */
+  checkpoints: string[];
+  /** True when this checkpoint's copy builds on a parent checkpoint's layers. */
+  incremental: boolean;
+  /** Where the chain could not be followed: the checkpoint, and why ("missing", "damaged: ..."). */
+  broken?: { checkpoint: string; reason: string };
+}
+
+/** Bytes of a disk's layers in its own checkpoint. */
+export function diskLayerBytes(disk: ManifestDisk): number {
+  return disk.layers.reduce((n, l) => n + l.bytes, 0);
+}
+
+/** Longest chain followed before a manifest is taken to be cyclic. */
+const MAX_CHAIN = 1000;
 
 /**
  * A directory of checkpoints. A checkpoint is built in `.tmp-<id>-<pid>` and becomes visible only
@@ -140,11 +168,161 @@ export class CheckpointStore {
     return path.join(this.dir, ref);
   }
 
+  /** The checkpoint with exactly this id, or undefined when it is missing or its manifest is damaged. */
+  private tryExact(id: string): StoredCheckpoint | undefined {
+    const dir = this.exactDir(id);
+    if (!dir) return undefined;
+    try {
+      return { id, dir, manifest: readManifest(dir) };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Ids of the checkpoints whose disk layers build directly on checkpoint `id`'s, oldest first. */
+  dependents(id: string): string[] {
+    return dependentsIn(this.list(), id);
+  }
+
+  /**
+   * `id` and every checkpoint its disks build on, following `parent` as far as the store has the
+   * checkpoints (a missing or damaged one ends that branch).
+   */
+  ancestors(id: string): string[] {
+    const seen = new Set<string>([id]);
+    const queue = [id];
+    while (queue.length > 0 && seen.size <= MAX_CHAIN) {
+      const c = this.tryExact(queue.shift() as string);
+      for (const d of c?.manifest.disks ?? []) {
+        const p = d.parent?.checkpoint;
+        if (p !== undefined && !seen.has(p)) {
+          seen.add(p);
+          queue.push(p);
+        }
+      }
+    }
+    return [...seen];
+  }
+
+  /** Each disk of a checkpoint with its layer chain followed through the store (see `DiskChain`). */
+  diskChains(ckpt: StoredCheckpoint): DiskChain[] {
+    return (ckpt.manifest.disks ?? []).map((disk) => {
+      const chain: DiskChain = {
+        device: disk.device,
+        node: disk.node,
+        format: disk.format,
+        virtualSize: disk.virtualSize,
+        captured: disk.captured,
+        ...(disk.reason !== undefined ? { reason: disk.reason } : {}),
+        storedBytes: diskLayerBytes(disk),
+        chainBytes: diskLayerBytes(disk),
+        checkpoints: [ckpt.id],
+        incremental: disk.parent !== undefined,
+      };
+      let entry = disk;
+      while (entry.parent) {
+        const { checkpoint: parentId, file } = entry.parent;
+        if (chain.checkpoints.includes(parentId) || chain.checkpoints.length > MAX_CHAIN) {
+          chain.broken = { checkpoint: parentId, reason: 'cyclic chain' };
+          break;
+        }
+        const dir = this.exactDir(parentId);
+        if (!dir || !fs.existsSync(path.join(dir, MANIFEST_FILE))) {
+          chain.broken = { checkpoint: parentId, reason: 'missing' };
+          break;
+        }
+        let parent: Manifest;
+        try {
+          parent = readManifest(dir);
+        } catch (err) {
+          chain.broken = { checkpoint: parentId, reason: `damaged: ${errorText(err)}` };
+          break;
+        }
+        const next = parent.disks?.find((d) => d.node === entry.node && d.captured);
+        if (!next || next.layers.at(-1)?.file !== file) {
+          chain.broken = { checkpoint: parentId, reason: `has no layer ${file} for disk ${disk.device}` };
+          break;
+        }
+        chain.checkpoints.push(parentId);
+        chain.chainBytes += diskLayerBytes(next);
+        entry = next;
+      }
+      return chain;
+    });
+  }
+
   /**
    * Removes exactly the checkpoint with id `id` (no prefix, no VM name). A checkpoint whose
-   * manifest is damaged can be removed too (it is not listed, but `tlc verify` names it).
+   * manifest is damaged can be removed too (it is not listed, but `tlc verify` names it). A
+   * checkpoint that later checkpoints' disks build on is refused (see `removeIds`).
    */
   remove(id: string): RemovedCheckpoint {
+    return this.removeIds([id])[0] as RemovedCheckpoint;
+  }
+
+  /**
+   * Removes exactly the checkpoints with these ids, or none: every id is checked before the first
+   * is removed, so a typo in one removes nothing. A chain is never broken: a checkpoint whose disk
+   * layers another checkpoint builds on is removed only together with that checkpoint (dependents
+   * go first, so an interrupted removal leaves only whole chains).
+   */
+  removeIds(ids: readonly string[]): RemovedCheckpoint[] {
+    const unique = [...new Set(ids)];
+    for (const id of unique) this.checkpointDir(id);
+    return this.removeSet(unique);
+  }
+
+  /**
+   * Removes every listed checkpoint of VM `vmName` (`tlc rm --all VM`), newest first, so no
+   * checkpoint is ever left without the layers it builds on; returned oldest first, as listed.
+   * Refused (nothing removed) when another VM's checkpoint builds on one of them.
+   */
+  removeAllOf(vmName: string): RemovedCheckpoint[] {
+    if (vmName === '') throw new TlcError('E_USAGE', 'Empty VM name');
+    const doomed = this.list().filter((c) => c.manifest.vm.name === vmName);
+    if (doomed.length === 0) {
+      throw new TlcError('E_NOT_FOUND', `No checkpoints of VM "${vmName}" in ${this.dir} (see: tlc ls)`);
+    }
+    const ids = doomed.map((c) => c.id);
+    this.removeSet([...ids].reverse());
+    return doomed.map((c) => ({ id: c.id, dir: c.dir }));
+  }
+
+  /**
+   * Refuses to break a chain, then removes `ids` (existing ones) with every dependent before its
+   * parent. Returns them in the order given, whatever order they were removed in.
+   */
+  private removeSet(ids: string[]): RemovedCheckpoint[] {
+    const all = this.list();
+    const doomed = new Set(ids);
+    for (const id of ids) {
+      const kept = dependentsIn(all, id).filter((d) => !doomed.has(d));
+      if (kept.length === 0) continue;
+      const vm = all.find((c) => c.id === id)?.manifest.vm.name;
+      const sameVm =
+        vm !== undefined && kept.every((d) => all.find((c) => c.id === d)?.manifest.vm.name === vm);
+      const them = kept.length > 1 ? 'them' : 'it';
+      throw new TlcError(
+        'E_USAGE',
+        `Cannot remove ${id}: checkpoint${kept.length > 1 ? 's' : ''} ${kept.join(', ')} build${kept.length > 1 ? '' : 's'} on its disk layers; ` +
+          `remove ${them} first${sameVm ? `, or use tlc rm --all ${vm}` : ''}`,
+      );
+    }
+    // Dependents first: a depth-first walk that places a checkpoint after everything built on it.
+    const order: string[] = [];
+    const placed = new Set<string>();
+    const place = (id: string): void => {
+      if (placed.has(id)) return;
+      placed.add(id);
+      for (const d of dependentsIn(all, id).reverse()) if (doomed.has(d)) place(d);
+      order.push(id);
+    };
+    ids.forEach(place);
+    const removed = new Map(order.map((id) => [id, this.removeDir(id)]));
+    return ids.map((id) => removed.get(id) as RemovedCheckpoint);
+  }
+
+  private removeDir(id: string): RemovedCheckpoint {
     const dir = this.checkpointDir(id);
     // Rename first so a crash mid-delete never leaves a half-deleted checkpoint listed; a later
     // stage() sweeps the renamed directory if this process dies.
@@ -157,26 +335,13 @@ export class CheckpointStore {
     fs.rmSync(doomed, { recursive: true, force: true });
     return { id, dir };
   }
+}
 
-  /**
-   * Removes exactly the checkpoints with these ids, or none: every id is checked before the first
-   * is removed, so a typo in one removes nothing.
-   */
-  removeIds(ids: readonly string[]): RemovedCheckpoint[] {
-    const unique = [...new Set(ids)];
-    for (const id of unique) this.checkpointDir(id);
-    return unique.map((id) => this.remove(id));
-  }
-
-  /** Removes every listed checkpoint of VM `vmName` (`tlc rm --all VM`), oldest first. */
-  removeAllOf(vmName: string): RemovedCheckpoint[] {
-    if (vmName === '') throw new TlcError('E_USAGE', 'Empty VM name');
-    const doomed = this.list().filter((c) => c.manifest.vm.name === vmName);
-    if (doomed.length === 0) {
-      throw new TlcError('E_NOT_FOUND', `No checkpoints of VM "${vmName}" in ${this.dir} (see: tlc ls)`);
-    }
-    return doomed.map((c) => this.remove(c.id));
-  }
+/** Ids of the checkpoints in `all` whose disks name `id` as their parent, in `all`'s order. */
+function dependentsIn(all: readonly StoredCheckpoint[], id: string): string[] {
+  return all
+    .filter((c) => c.id !== id && (c.manifest.disks ?? []).some((d) => d.parent?.checkpoint === id))
+    .map((c) => c.id);
 }
 
 /** A manifest is a few KiB; anything much larger is not one (and is not read into memory). */

@@ -1,5 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { hashFile } from '../core/fsutil.js';
+import type { VmDisk } from '../vm/spec.js';
 import {
   CONFIG_FILE,
   DEVICE_FILE,
@@ -7,7 +9,9 @@ import {
   MANIFEST_FORMAT_MAJOR,
   MANIFEST_FORMAT_MINOR,
   MANIFEST_MAGIC,
+  type DiskLayer,
   type Manifest,
+  type ManifestDisk,
   PAGE_SIZE,
   SUMS_CHUNK_BYTES,
   imageFileName,
@@ -56,6 +60,15 @@ export interface FixtureOptions {
   id?: string;
   createdAt?: string;
   blocks?: FixtureBlock[];
+  /** The manifest's `disks`, and the VM spec's (`vm.disks`); the layer files are the caller's. */
+  disks?: ManifestDisk[];
+  vmDisks?: VmDisk[];
+}
+
+/** A `DiskLayer` describing the file `<dir>/<file>` as it is now (size and SHA-256). */
+export function diskLayerOf(dir: string, file: string, backing?: string): DiskLayer {
+  const { bytes, sha256 } = hashFile(path.join(dir, file));
+  return { file, bytes, sha256, ...(backing !== undefined ? { backing } : {}) };
 }
 
 /** A valid, unsealed manifest (no checksum, no signature) describing the fixture files. */
@@ -82,6 +95,7 @@ export function fixtureManifest(opts: FixtureOptions = {}): Manifest {
       append: 'console=ttyS0 quiet',
       workload: 'memverify:1',
       extraArgs: ['-device', 'virtio-rng-pci'],
+      ...(opts.vmDisks ? { disks: opts.vmDisks } : {}),
     },
     qemuVersion: '7.2.0',
     machineType: 'pc-i440fx-7.2',
@@ -103,6 +117,7 @@ export function fixtureManifest(opts: FixtureOptions = {}): Manifest {
       sections: 7,
       runstate: 'running',
     },
+    ...(opts.disks ? { disks: opts.disks } : {}),
     metrics: {
       setupMs: 14,
       warmUpMs: 3,

@@ -9,7 +9,7 @@ import { buildGuest, defaultGuestCacheDir } from '../../src/guest/build.js';
 import type { ConsoleScan } from '../../src/guest/heartbeat.js';
 import { startVm, stopVm } from '../../src/vm/manager.js';
 import { loadVm } from '../../src/vm/registry.js';
-import { isolatedTlc, qemuPidsMentioning, readConsole, tlc } from './harness.js';
+import { ext4Image, isolatedTlc, qemuPidsMentioning, readConsole, tlc } from './harness.js';
 
 const run = promisify(execFile);
 const { home } = isolatedTlc();
@@ -41,14 +41,6 @@ function recordsFile(count: number, tail: number): Buffer {
     rec.copy(out, (seq - 1) * RECORD, 0, Math.min(RECORD, out.length - (seq - 1) * RECORD));
   }
   return out;
-}
-
-/** An ext4 filesystem of `mib` MiB in a raw file, made on the host, holding the files in `content`. */
-async function ext4Image(file: string, mib: number, content: string): Promise<void> {
-  fs.writeFileSync(file, '');
-  fs.truncateSync(file, mib * 1024 * 1024);
-  const env = { ...process.env, PATH: `${process.env.PATH}:/usr/sbin:/sbin` };
-  await run('mkfs.ext4', ['-q', '-F', '-d', content, file], { env });
 }
 
 /** Polls the console until `done` holds for what it shows. */

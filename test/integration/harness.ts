@@ -158,3 +158,19 @@ export function spawnTlc(args: string[], env: NodeJS.ProcessEnv = {}): RunningCl
     },
   };
 }
+
+/** An ext4 filesystem of `mib` MiB in a raw file, made on the host, holding the files in `content`. */
+export async function ext4Image(file: string, mib: number, content?: string): Promise<void> {
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, mib * 1024 * 1024);
+  const env = { ...process.env, PATH: `${process.env.PATH}:/usr/sbin:/sbin` };
+  await run('mkfs.ext4', ['-q', '-F', ...(content ? ['-d', content] : []), file], { env });
+}
+
+/** The same as a qcow2 image (the raw file is removed). */
+export async function ext4Qcow2(file: string, mib: number, content?: string): Promise<void> {
+  const raw = `${file}.raw`;
+  await ext4Image(raw, mib, content);
+  await run('qemu-img', ['convert', '-O', 'qcow2', raw, file]);
+  fs.rmSync(raw);
+}

@@ -12,6 +12,7 @@ import {
   type Manifest,
   sealManifest,
 } from '../store/manifest.js';
+import { openManifest } from '../store/schema.js';
 import { loadSigningKey } from '../store/sign.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
@@ -407,7 +408,10 @@ async function runCheckpoint(
       },
       ...(seqBefore !== undefined ? { guestHeartbeatSeqBefore: seqBefore } : {}),
     };
-    writeFileAtomic(path.join(staging, MANIFEST_FILE), sealManifest(manifest, signKey), 0o600);
+    const sealed = sealManifest(manifest, signKey);
+    // What tlc cannot read back must never be published: the manifest passes its own reader first.
+    openManifest(sealed, `checkpoint ${id} (not published)`);
+    writeFileAtomic(path.join(staging, MANIFEST_FILE), sealed, 0o600);
     await session.guard(holdAt('publish', opts.signal));
     session.throwIfInterrupted();
     const dir = session.publish();

@@ -190,8 +190,9 @@ function manifestSchema(strict: boolean) {
     disks: z
       .array(
         obj({
-          device: qemuId(),
-          node: qemuId(),
+          // A disk tlc does not manage keeps QEMU's own names (a qdev path, an automatic "#block1" node).
+          device: nonEmptyText(255),
+          node: nonEmptyText(255),
           format: z.enum(['qcow2', 'raw']),
           virtualSize: z
             .number()

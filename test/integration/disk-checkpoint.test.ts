@@ -189,7 +189,7 @@ describe('a disk tlc cannot save consistently', () => {
     const ckpt = await takeCheckpoint({ vm, mode: 'stop', store, allowInconsistentDisks: true });
     assert.equal(ckpt.manifest.disks?.[0]?.captured, false);
     const show = await tlc(['show', ckpt.id]);
-    assert.match(show.stdout, /NOT CAPTURED/);
+    assert.match(show.stdout, /NOT CAPTURED/, JSON.stringify(show));
     await stopVm(vm, { force: true });
   });
 });

@@ -371,7 +371,7 @@ async function runCheckpoint(
     const savedDisks = disks.describe(staging);
     for (const d of savedDisks.filter((x) => !x.captured && !x.reason?.startsWith('read-only')))
       stage(
-        `WARNING: disk ${d.device} is NOT in this checkpoint (${d.reason}); a restore reopens it as it is then`,
+        `WARNING: disk ${d.device} NOT CAPTURED (${d.reason}); a restore reopens it as it is by then`,
       );
     const manifest: Manifest = {
       magic: MANIFEST_MAGIC,

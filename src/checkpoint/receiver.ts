@@ -294,10 +294,10 @@ export class CheckpointReceiver implements StreamSink {
    * Compares the received guest RAM with the stopped guest's own RAM and takes the guest's
    * version of every page that differs. Returns the number of pages fixed.
    */
-  reconcileRam(read: (scratch: Buffer, offset: number, len: number) => void): number {
-    const index = this.blocks.findIndex((b) => b.name === 'ram0');
+  reconcileRam(block: string, read: (scratch: Buffer, offset: number, len: number) => void): number {
+    const index = this.blocks.findIndex((b) => b.name === block);
     const large = this.large[index];
-    if (!large) throw new CheckpointError('Stream has no ram0 block to reconcile');
+    if (!large) throw new CheckpointError(`Stream has no ${block} block to reconcile`);
     return large.table.reconcile(read);
   }
 

@@ -10,6 +10,7 @@ import {
   MANIFEST_FORMAT_MINOR,
   MANIFEST_MAGIC,
   type Manifest,
+  type ManifestDisk,
   sealManifest,
 } from '../store/manifest.js';
 import { openManifest } from '../store/schema.js';
@@ -18,7 +19,8 @@ import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
 import { GuestRam } from '../vm/guest-ram.js';
-import { RAM_BACKEND_ID } from '../vm/spec.js';
+import { modeSupport } from '../vm/memory-layout.js';
+import { type VmSpec, qemuArgv, ramBlockOf } from '../vm/spec.js';
 import { DiskCapture } from '../disk/capture.js';
 import { holdAt, holdsAt } from './hold.js';
 import { CheckpointReceiver } from './receiver.js';
@@ -131,6 +133,17 @@ async function runCheckpoint(
   } else {
     mode = opts.mode ?? 'live';
   }
+  const support = modeSupport(record.spec.accel, record.spec.memory, record.process);
+  if (!support[mode].ok) {
+    const fallback = (['cow', 'stop'] as const).find((m) => support[m].ok) ?? 'stop';
+    if (opts.mode !== 'auto') {
+      throw new CheckpointError(
+        `--mode ${mode} cannot work for VM "${opts.vm}": ${support[mode].why}. Use --mode ${fallback}`,
+      );
+    }
+    stage(`mode auto: ${mode} cannot work (${support[mode].why}); taking ${fallback}`);
+    mode = fallback;
+  }
   session.mode = mode;
   if (status.status !== 'running' && status.status !== 'paused') {
     throw new CheckpointError(
@@ -197,7 +210,9 @@ async function runCheckpoint(
     await holdAt('stream-complete', opts.signal);
     if (guestRam) {
       const started = performance.now();
-      const pages = receiver.reconcileRam((buf, offset, len) => guestRam.read(buf, offset, len));
+      const pages = receiver.reconcileRam(ramBlockOf(record.spec), (buf, offset, len) =>
+        guestRam.read(buf, offset, len),
+      );
       tcgFixup = { pages, ms: performance.now() - started };
     }
     if (wasRunning && mode !== 'cow') {
@@ -286,7 +301,9 @@ async function runCheckpoint(
   let warmUpMs = 0;
   try {
     await session.guard(receiver.listen(socketPath));
-    warmUpMs = await session.guard(receiver.warmUp(RAM_BACKEND_ID, record.spec.memMiB * 1024 * 1024));
+    warmUpMs = await session.guard(
+      receiver.warmUp(ramBlockOf(record.spec), record.spec.memMiB * 1024 * 1024),
+    );
     stage(
       `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
     );
@@ -368,11 +385,10 @@ async function runCheckpoint(
     }
     await session.guard(holdAt('persist', opts.signal));
     const received = await session.guard(receiver.persist());
+    assertRestorable(record.spec, received.blocks, disks.describe(staging));
     const savedDisks = disks.describe(staging);
     for (const d of savedDisks.filter((x) => !x.captured && !x.reason?.startsWith('read-only')))
-      stage(
-        `WARNING: disk ${d.device} NOT CAPTURED (${d.reason}); a restore reopens it as it is by then`,
-      );
+      stage(`WARNING: disk ${d.device} NOT CAPTURED (${d.reason}); a restore reopens it as it is by then`);
     const manifest: Manifest = {
       magic: MANIFEST_MAGIC,
       formatVersion: [MANIFEST_FORMAT_MAJOR, MANIFEST_FORMAT_MINOR],
@@ -483,4 +499,42 @@ async function chooseMode(
     mode: 'live',
     reason: 'dirty rate not measured in time: live pre-copy with the deadline controller',
   };
+}
+
+/**
+ * No checkpoint tlc could never restore is published: main RAM must be in the stream under the
+ * name a restore supplies it by, and the VM's command line must be one tlc can start again.
+ */
+function assertRestorable(
+  spec: VmSpec,
+  blocks: readonly { name: string; usedLength: number }[],
+  disks: readonly ManifestDisk[],
+): void {
+  const ramBlock = ramBlockOf(spec);
+  const ram = blocks.find((b) => b.name === ramBlock);
+  if (!ram || ram.usedLength !== spec.memMiB * 2 ** 20) {
+    throw new CheckpointError(
+      `This checkpoint could not be restored: the stream's RAM blocks (${blocks.map((b) => b.name).join(', ')}) ` +
+        `have no "${ramBlock}" of ${spec.memMiB} MiB; nothing was published`,
+    );
+  }
+  try {
+    qemuArgv(
+      { ...spec, memory: { kind: 'file', path: '/restore-check', share: false } },
+      {
+        qmpSocket: '/restore-check/qmp.sock',
+        consoleLog: '/restore-check/console.log',
+        pidFile: '/restore-check/qemu.pid',
+        incoming: 'unix:/restore-check/in.sock',
+        keepAdoptedDisks: disks.some((d) => !d.captured),
+      },
+    );
+  } catch (err) {
+    throw new CheckpointError(
+      `This checkpoint could not be restored (${errorText(err)}); nothing was published`,
+      {
+        cause: err,
+      },
+    );
+  }
 }

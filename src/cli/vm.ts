@@ -1,3 +1,4 @@
+import { modeSupport } from '../vm/memory-layout.js';
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Command } from 'commander';
@@ -148,9 +149,24 @@ export function registerVmCommands(program: Command): void {
     .action(async (o: JsonFlag & { name: string; qmp: string }) => {
       const record = await attachVm(o.name, o.qmp);
       const status = await vmStatus(record);
-      if (o.json) printJson({ ...status, argv: record.spec.adoptedArgv });
-      else
-        note(`Adopted QEMU pid ${status.pid} as "${status.name}" (${status.machine}, ${status.memMiB} MiB)`);
+      const modes = modeSupport(record.spec.accel, record.spec.memory, record.process);
+      const ram = `RAM block ${record.spec.ramBlock ?? 'ram0'} (${record.spec.memory.kind})`;
+      if (o.json)
+        return printJson({
+          ...status,
+          ramBlock: record.spec.ramBlock ?? 'ram0',
+          memory: record.spec.memory,
+          modes,
+          argv: record.spec.adoptedArgv,
+        });
+      note(
+        `Adopted QEMU pid ${status.pid} as "${status.name}" (${status.machine}, ${status.memMiB} MiB, ${ram})`,
+      );
+      for (const [mode, s] of Object.entries(modes) as [string, { ok: boolean; why: string }][])
+        note(`  checkpoint --mode ${mode.padEnd(4)} ${s.ok ? 'yes' : 'NO '}  ${s.why}`);
+      note(
+        `  restore: lazy (the image supplies backend "${record.spec.ramBlock ?? 'ram0'}") and --eager; writable disks it has are refused unless --allow-inconsistent-disks`,
+      );
     });
 
   vm.command('ls')

@@ -105,6 +105,7 @@ export interface QmpCommands {
   'query-kvm': [undefined, { enabled: boolean; present: boolean }];
   'query-memdev': [undefined, { id?: string; size: number; share: boolean; prealloc: boolean }[]];
   'qom-get': [{ path: string; property: string }, unknown];
+  'qom-list': [{ path: string }, { name: string; type: string }[]];
   'migrate-set-capabilities': [
     { capabilities: { capability: MigrationCapabilityName; state: boolean }[] },
     Record<string, never>,

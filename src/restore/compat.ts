@@ -1,6 +1,6 @@
 import { TlcError } from '../core/errors.js';
 import type { Manifest } from '../store/manifest.js';
-import { RAM_BACKEND_ID } from '../vm/spec.js';
+import { ramBlockOf } from '../vm/spec.js';
 import type { QemuBinary } from '../vm/qemu.js';
 
 /**
@@ -22,15 +22,11 @@ export function compatibilityProblems(
   if (!knownMachines.includes(m.machineType)) {
     problems.push(`machine type ${m.machineType} is not available in ${qemu.binary}`);
   }
-  const ram = m.blocks.find((b) => b.name === RAM_BACKEND_ID);
-  if (!ram)
-    problems.push(
-      `checkpoint has no ${RAM_BACKEND_ID} RAM block (guest RAM must be a memory backend named ${RAM_BACKEND_ID})`,
-    );
+  const ramBlock = ramBlockOf(m.vm);
+  const ram = m.blocks.find((b) => b.name === ramBlock);
+  if (!ram) problems.push(`checkpoint has no RAM block "${ramBlock}", which holds the VM's main RAM`);
   else if (ram.usedLength !== m.vm.memMiB * 1024 * 1024) {
-    problems.push(
-      `RAM block ${RAM_BACKEND_ID} is ${ram.usedLength} bytes but the VM spec says ${m.vm.memMiB} MiB`,
-    );
+    problems.push(`RAM block ${ramBlock} is ${ram.usedLength} bytes but the VM spec says ${m.vm.memMiB} MiB`);
   }
   return problems;
 }

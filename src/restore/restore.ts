@@ -19,7 +19,7 @@ import { kill, waitExit } from '../vm/process.js';
 import { findQemu, listMachines } from '../vm/qemu.js';
 import { restoreDisks } from '../disk/restore-disks.js';
 import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm, vmDir } from '../vm/registry.js';
-import { RAM_BACKEND_ID, type VmSpec, validateVmName } from '../vm/spec.js';
+import { type VmSpec, ramBlockOf, validateVmName } from '../vm/spec.js';
 import { assertCompatible } from './compat.js';
 import { type SynthesisStats, synthesizeStream } from './synthesize.js';
 
@@ -91,8 +91,8 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const name = validateVmName(opts.name ?? m.vm.name);
   claimVmName(name);
 
-  const ramBlock = m.blocks.find((b) => b.name === RAM_BACKEND_ID);
-  if (!ramBlock) throw new RestoreError('E_RESTORE', `${m.id} has no ${RAM_BACKEND_ID} block`);
+  const ramBlock = m.blocks.find((b) => b.name === ramBlockOf(m.vm));
+  if (!ramBlock) throw new RestoreError('E_RESTORE', `${m.id} has no RAM block "${ramBlockOf(m.vm)}"`);
   const launchFacts = hostLaunchFacts(m, Boolean(opts.trustCheckpointArgs), log);
   const spec: VmSpec = {
     ...m.vm,
@@ -129,7 +129,15 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const logFile = qemuLogFile(name);
   let launched;
   try {
-    launched = await launchQemu(spec, { ...paths, incoming: `unix:${incoming}` }, { logFile });
+    launched = await launchQemu(
+      spec,
+      {
+        ...paths,
+        incoming: `unix:${incoming}`,
+        ...(m.disks?.some((d) => !d.captured) ? { keepAdoptedDisks: true } : {}),
+      },
+      { logFile },
+    );
   } catch (err) {
     for (const file of [socketDir, ...overlays]) fs.rmSync(file, { recursive: true, force: true });
     throw err;

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { CONFIG_FILE } from '../store/manifest.js';
 import type { StoredCheckpoint } from '../store/store.js';
 import { MigrationStreamWriter } from '../stream/writer.js';
-import { RAM_BACKEND_ID } from '../vm/spec.js';
+import { ramBlockOf } from '../vm/spec.js';
 
 const READ_CHUNK_BYTES = 4 * 1024 * 1024;
 
@@ -44,7 +44,7 @@ export async function synthesizeStream(
   for (let index = 0; index < m.blocks.length; index++) {
     const block = m.blocks[index];
     if (!block) continue;
-    const isGuestRam = block.name === RAM_BACKEND_ID;
+    const isGuestRam = block.name === ramBlockOf(m.vm);
     if (isGuestRam && mode === 'lazy') continue;
     const fd = fs.openSync(path.join(ckpt.dir, block.file), 'r');
     try {

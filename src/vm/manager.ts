@@ -18,11 +18,13 @@ import { type AccelChoice, type AccelRequest, chooseAccel } from './accel.js';
 import { ConsoleTail } from './console.js';
 import { deathCheck, launchQemu } from './launch.js';
 import { identify, isAlive, kill, readCmdline, terminate, waitExit } from './process.js';
+import { memoryLayout } from './memory-layout.js';
 import { findQemu, resolveMachine } from './qemu.js';
 import { qemuImgBinary } from './qemu-img.js';
 import { type VmRecord, claimVmName, loadVm, runtimePaths, saveVm, vmDir, vmState } from './registry.js';
 import {
   DISK_FORMATS,
+  RAM_BACKEND_ID,
   type DiskFormat,
   type DiskRequest,
   type LaunchArgs,
@@ -352,11 +354,9 @@ export async function attachVm(name: string, qmpSocket: string): Promise<VmRecor
     const argv = readCmdline(id.pid);
     const version = await qmp.execute('query-version');
     const machines = await qmp.execute('query-machines');
-    const memdevs = await qmp.execute('query-memdev');
     const kvm = await qmp.execute('query-kvm');
     const machine = machineFromArgv(argv, machines);
-    const ram = memdevs.find((m) => m.id === 'ram0') ?? memdevs[0];
-    const memMiB = ram ? ram.size / (1024 * 1024) : (argvNumber(argv, '-m') ?? 128);
+    const layout = await memoryLayout(qmp);
     claimVmName(name);
     const spec: VmSpec = {
       specVersion: 1,
@@ -367,9 +367,10 @@ export async function attachVm(name: string, qmpSocket: string): Promise<VmRecor
       },
       machine,
       accel: kvm.enabled ? 'kvm' : 'tcg',
-      memMiB,
+      memMiB: layout.memMiB,
       cpus: argvNumber(argv, '-smp') ?? 1,
-      memory: { kind: 'ram' },
+      memory: layout.memory,
+      ...(layout.ramBlock !== RAM_BACKEND_ID ? { ramBlock: layout.ramBlock } : {}),
       extraArgs: [],
       adoptedArgv: argv,
     };

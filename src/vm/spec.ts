@@ -1,4 +1,5 @@
 import { TlcError, UsageError, VmError } from '../core/errors.js';
+import { rewriteAdoptedArgv } from './adopted-argv.js';
 
 /** The id of guest RAM's memory backend: the RAM block is called `ram0` on every host. */
 export const RAM_BACKEND_ID = 'ram0';
@@ -46,6 +47,11 @@ export interface VmSpec {
   memMiB: number;
   cpus: number;
   memory: MemoryBackend;
+  /**
+   * Memory backend id of main RAM, which is also its RAM block's name in the migration stream.
+   * Absent for tlc's own VMs (`ram0`); an adopted QEMU's may be anything (`pc.ram` for plain `-m`).
+   */
+  ramBlock?: string;
   kernel?: string;
   initrd?: string;
   append?: string;
@@ -74,6 +80,8 @@ export interface LaunchArgs extends RuntimePaths {
   incoming?: string;
   /** Start paused (`-S`). */
   paused?: boolean;
+  /** Adopted command line: keep its writable disks as they are (see rewriteAdoptedArgv). */
+  keepAdoptedDisks?: boolean;
 }
 
 /**
@@ -91,13 +99,19 @@ export function qemuOptionValue(value: string, what = 'path'): string {
   return value.replaceAll(',', ',,');
 }
 
+/** The RAM block (memory backend id) that holds main guest RAM: `ram0` for tlc's VMs. */
+export function ramBlockOf(spec: VmSpec): string {
+  return spec.ramBlock ?? RAM_BACKEND_ID;
+}
+
 function memoryBackendArg(spec: VmSpec): string {
   const size = `size=${spec.memMiB}M`;
-  if (spec.memory.kind === 'ram') return `memory-backend-ram,id=${RAM_BACKEND_ID},${size}`;
-  if (spec.memory.kind === 'memfd') return `memory-backend-memfd,id=${RAM_BACKEND_ID},${size},share=on`;
+  const id = `id=${ramBlockOf(spec)}`;
+  if (spec.memory.kind === 'ram') return `memory-backend-ram,${id},${size}`;
+  if (spec.memory.kind === 'memfd') return `memory-backend-memfd,${id},${size},share=on`;
   const share = spec.memory.share ? 'on' : 'off';
   const memPath = qemuOptionValue(spec.memory.path, 'memory file');
-  return `memory-backend-file,id=${RAM_BACKEND_ID},${size},mem-path=${memPath},share=${share}`;
+  return `memory-backend-file,${id},${size},mem-path=${memPath},share=${share}`;
 }
 
 /** `-blockdev` file node, `-blockdev` format node and `-device` for one disk. */
@@ -155,23 +169,13 @@ export function qemuArgv(spec: VmSpec, launch: LaunchArgs): string[] {
   return argv;
 }
 
-/** Options of an adopted command line that tlc replaces with its own on a restart. */
-const ADOPTED_DROP_WITH_VALUE = new Set(['-qmp', '-monitor', '-incoming', '-pidfile', '-chardev-qmp']);
-const ADOPTED_DROP_FLAG = new Set(['-daemonize', '-S']);
-
 function adoptedArgv(spec: VmSpec, launch: LaunchArgs): string[] {
-  const original = spec.adoptedArgv ?? [];
-  const out: string[] = [];
-  for (let i = 1; i < original.length; i++) {
-    const arg = original[i] as string;
-    const bare = arg.startsWith('--') ? arg.slice(1) : arg;
-    if (ADOPTED_DROP_WITH_VALUE.has(bare)) {
-      i++;
-      continue;
-    }
-    if (ADOPTED_DROP_FLAG.has(bare)) continue;
-    out.push(arg);
-  }
+  const out = rewriteAdoptedArgv(spec.adoptedArgv ?? [], {
+    ramBlock: ramBlockOf(spec),
+    memoryObject: memoryBackendArg(spec),
+    consoleLog: launch.consoleLog,
+    ...(launch.keepAdoptedDisks ? { keepDisks: true } : {}),
+  });
   out.push('-qmp', qmpArg(launch), '-pidfile', launch.pidFile);
   if (launch.paused) out.push('-S');
   if (launch.incoming) out.push('-incoming', launch.incoming);

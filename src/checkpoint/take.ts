@@ -527,6 +527,9 @@ function assertRestorable(
         pidFile: '/restore-check/qemu.pid',
         incoming: 'unix:/restore-check/in.sock',
         keepAdoptedDisks: disks.some((d) => !d.captured),
+        diskOverlays: Object.fromEntries(
+          disks.filter((d) => d.captured && d.path).map((d) => [d.path, '/restore-check/disk.qcow2']),
+        ),
       },
     );
   } catch (err) {

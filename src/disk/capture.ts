@@ -22,6 +22,8 @@ export interface DiskLeftovers {
 interface Capturable {
   index: number;
   disk: VmDisk;
+  /** A disk of an adopted QEMU: a restore finds it in the command line by its image path. */
+  adopted: boolean;
   virtualSize: number;
   /** Previous checkpoint of this disk whose bitmap still records every write since it. */
   parent?: { checkpoint: string; dir: string; file: string; bitmap: string };
@@ -77,9 +79,13 @@ export class DiskCapture {
     const { qmp, spec } = opts;
     const nodes = await qmp.execute('query-named-block-nodes', { flat: true });
     const byName = new Map(nodes.map((n) => [n['node-name'], n]));
-    const known = new Set((spec.disks ?? []).map((d) => d.node));
+    const devices = await qmp.execute('query-block');
+    // An adopted QEMU's disks are whatever it has now, found over QMP (node names such as
+    // `#block123` are QEMU's and last as long as the process).
+    const managed = spec.adoptedArgv ? discoverDisks(devices, byName) : (spec.disks ?? []);
+    const known = new Set(managed.map((d) => d.node));
     const skipped: ManifestDisk[] = [];
-    for (const dev of await qmp.execute('query-block')) {
+    for (const dev of devices) {
       const ins = dev.inserted;
       if (!ins || ins.ro || known.has(ins['node-name'])) continue;
       const name = dev.qdev ?? dev.device;
@@ -92,7 +98,7 @@ export class DiskCapture {
       skipped.push(notCaptured(name, ins['node-name'], 'raw', 0, 'not managed by tlc; allowed inconsistent'));
     }
     const disks: Capturable[] = [];
-    for (const [index, disk] of (spec.disks ?? []).entries()) {
+    for (const [index, disk] of managed.entries()) {
       const node = byName.get(disk.node);
       if (!node) throw new CheckpointError(`Disk ${disk.device}: QEMU has no block node ${disk.node}`);
       const virtualSize = node.image['virtual-size'];
@@ -118,7 +124,13 @@ export class DiskCapture {
         parent = { checkpoint: prev.id, dir: prev.dir, file: top.file, bitmap: d.bitmap };
         break;
       }
-      disks.push({ index, disk, virtualSize, ...(parent ? { parent } : {}) });
+      disks.push({
+        index,
+        disk,
+        virtualSize,
+        adopted: Boolean(spec.adoptedArgv),
+        ...(parent ? { parent } : {}),
+      });
     }
     return new DiskCapture(qmp, opts.checkpointId, disks, skipped);
   }
@@ -336,6 +348,7 @@ export class DiskCapture {
       out.push({
         device: c.disk.device,
         node: c.disk.node,
+        ...(c.adopted ? { path: c.disk.path } : {}),
         format: c.disk.format,
         virtualSize: c.virtualSize,
         captured: true,
@@ -370,6 +383,26 @@ export class DiskCapture {
       bitmaps: this.created.bitmaps,
     });
   }
+}
+
+/** Writable qcow2/raw images on local files, as an adopted QEMU has them. */
+function discoverDisks(
+  devices: {
+    device: string;
+    qdev?: string;
+    inserted?: { 'node-name': string; ro: boolean; file: string; drv: string };
+  }[],
+  nodes: Map<string, { drv: string; file: string }>,
+): VmDisk[] {
+  const out: VmDisk[] = [];
+  for (const dev of devices) {
+    const ins = dev.inserted;
+    if (!ins || ins.ro || (ins.drv !== 'qcow2' && ins.drv !== 'raw')) continue;
+    if (!path.isAbsolute(ins.file) || !fs.existsSync(ins.file)) continue;
+    if (!nodes.has(ins['node-name'])) continue;
+    out.push({ path: ins.file, format: ins.drv, node: ins['node-name'], device: dev.qdev ?? dev.device });
+  }
+  return out;
 }
 
 function notCaptured(

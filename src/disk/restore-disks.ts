@@ -9,6 +9,8 @@ import type { VmDisk } from '../vm/spec.js';
 
 export interface RestoredDisk {
   disk: VmDisk;
+  /** An adopted VM's original image path, which its command line names. */
+  original?: string;
   /** The checkpoint layer the new overlay is backed by; undefined when not captured. */
   backedBy?: string;
 }
@@ -30,7 +32,18 @@ export async function restoreDisks(opts: {
   verifyParent: (parent: StoredCheckpoint) => void;
 }): Promise<RestoredDisk[]> {
   const { ckpt, log } = opts;
-  const wanted = ckpt.manifest.vm.disks ?? [];
+  // An adopted VM's disks are the ones its checkpoint found over QMP, known by image path.
+  const wanted: (VmDisk & { original?: string })[] = ckpt.manifest.vm.adoptedArgv
+    ? (ckpt.manifest.disks ?? [])
+        .filter((d) => d.captured && d.path)
+        .map((d) => ({
+          path: d.path as string,
+          format: d.format,
+          node: d.node,
+          device: d.device,
+          original: d.path as string,
+        }))
+    : (ckpt.manifest.vm.disks ?? []);
   if (wanted.length === 0) return [];
   fs.mkdirSync(opts.targetDir, { recursive: true, mode: PRIVATE_DIR_MODE });
   const stamp = new Date().toISOString().replace(/[-:.]/g, '').replace('T', '-').slice(0, 18);
@@ -49,7 +62,8 @@ export async function restoreDisks(opts: {
       continue;
     }
     const top = checkChain(opts.store, ckpt, saved, opts.verifyParent);
-    const overlay = path.join(opts.targetDir, `${opts.vmName}-${disk.device}-${stamp}.qcow2`);
+    const label = disk.original ? `disk${out.length}` : disk.device;
+    const overlay = path.join(opts.targetDir, `${opts.vmName}-${label}-${stamp}.qcow2`);
     if (fs.existsSync(overlay)) throw new TlcError('E_RESTORE', `${overlay} already exists`);
     await createQcow2(overlay, saved.virtualSize, top);
     fs.chmodSync(overlay, 0o600);
@@ -57,6 +71,7 @@ export async function restoreDisks(opts: {
     out.push({
       disk: { path: overlay, format: 'qcow2', node: disk.node, device: disk.device },
       backedBy: top,
+      ...(disk.original ? { original: disk.original } : {}),
     });
   }
   return out;

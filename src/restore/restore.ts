@@ -120,7 +120,10 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
         }),
       ),
   });
-  if (disks.length > 0) spec.disks = disks.map((d) => d.disk);
+  if (disks.length > 0 && !spec.adoptedArgv) spec.disks = disks.map((d) => d.disk);
+  const diskOverlays = Object.fromEntries(
+    disks.filter((d) => d.original).map((d) => [d.original, d.disk.path]),
+  );
   const overlays = disks.filter((d) => d.backedBy).map((d) => d.disk.path);
   const socketDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-restore-'));
   fs.chmodSync(socketDir, PRIVATE_DIR_MODE);
@@ -135,6 +138,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
         ...paths,
         incoming: `unix:${incoming}`,
         ...(m.disks?.some((d) => !d.captured) ? { keepAdoptedDisks: true } : {}),
+        diskOverlays,
       },
       { logFile },
     );

@@ -132,6 +132,8 @@ export interface ManifestDisk {
   /** virtio-blk device id and format node name, as the VM had them. */
   device: string;
   node: string;
+  /** An adopted QEMU's image path: a restore finds the disk in its command line by it. */
+  path?: string;
   /** Format of the VM's own image, and its size as the guest sees it. */
   format: 'qcow2' | 'raw';
   virtualSize: number;

@@ -193,6 +193,7 @@ function manifestSchema(strict: boolean) {
           // A disk tlc does not manage keeps QEMU's own names (a qdev path, an automatic "#block1" node).
           device: nonEmptyText(255),
           node: nonEmptyText(255),
+          path: absolutePath().optional(),
           format: z.enum(['qcow2', 'raw']),
           virtualSize: z
             .number()

@@ -45,6 +45,8 @@ export interface AdoptedRewrite {
    * `--allow-inconsistent-disks`); otherwise such a command line is refused.
    */
   keepDisks?: boolean;
+  /** Original image path → the overlay a restore made for it (tlc captured that disk). */
+  diskOverlays?: Record<string, string>;
 }
 
 /** Options whose value tlc replaces (monitors, pid file, incoming) or that would detach QEMU. */
@@ -122,6 +124,20 @@ export function rewriteAdoptedArgv(original: readonly string[], r: AdoptedRewrit
       out.push(arg, `file:${consolePath()}`);
       i++;
       continue;
+    }
+    if (arg === '-drive') {
+      const items = parseOptionString(value);
+      const file = items.find((x) => x.key === 'file')?.value;
+      const overlay = file ? r.diskOverlays?.[file] : undefined;
+      if (overlay) {
+        const rest = items.filter((x) => x.key !== 'file' && x.key !== 'format');
+        out.push(
+          arg,
+          formatOptionString([{ key: 'file', value: overlay }, { key: 'format', value: 'qcow2' }, ...rest]),
+        );
+        i++;
+        continue;
+      }
     }
     const readOnly = /(^|,)(readonly|read-only)=on(,|$)|(^|,)media=cdrom(,|$)/.test(value);
     if ((arg === '-drive' || arg === '-blockdev') && !readOnly && !r.keepDisks) {

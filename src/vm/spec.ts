@@ -82,6 +82,8 @@ export interface LaunchArgs extends RuntimePaths {
   paused?: boolean;
   /** Adopted command line: keep its writable disks as they are (see rewriteAdoptedArgv). */
   keepAdoptedDisks?: boolean;
+  /** Adopted command line: original image path → the restored VM's overlay (`-drive file=`). */
+  diskOverlays?: Record<string, string>;
 }
 
 /**
@@ -175,6 +177,7 @@ function adoptedArgv(spec: VmSpec, launch: LaunchArgs): string[] {
     memoryObject: memoryBackendArg(spec),
     consoleLog: launch.consoleLog,
     ...(launch.keepAdoptedDisks ? { keepDisks: true } : {}),
+    ...(launch.diskOverlays ? { diskOverlays: launch.diskOverlays } : {}),
   });
   out.push('-qmp', qmpArg(launch), '-pidfile', launch.pidFile);
   if (launch.paused) out.push('-S');

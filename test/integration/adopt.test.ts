@@ -14,8 +14,8 @@ import type { CheckpointMode } from '../../src/store/manifest.js';
 import { CheckpointStore } from '../../src/store/store.js';
 import { lastHeartbeatSeq } from '../../src/vm/console.js';
 import { type ProcessIdentity, identify, kill, waitExit } from '../../src/vm/process.js';
-import { stopVm } from '../../src/vm/manager.js';
-import { isolatedTlc, tlc } from './harness.js';
+import { startVm, stopVm } from '../../src/vm/manager.js';
+import { ext4Qcow2, isolatedTlc, readConsole, tlc } from './harness.js';
 
 const { home } = isolatedTlc();
 const store = new CheckpointStore();
@@ -32,6 +32,7 @@ after(async () => {
 async function foreignQemu(
   name: string,
   extra: string[],
+  workload = 'memverify:16',
 ): Promise<{ id: ProcessIdentity; qmp: string; console: string }> {
   const guest = await buildGuest({ cacheDir: defaultGuestCacheDir() });
   const dir = path.join(home, 'foreign', name);
@@ -53,7 +54,7 @@ async function foreignQemu(
       '-initrd',
       guest.initrd,
       '-append',
-      guestAppendLine('memverify:16'),
+      guestAppendLine(workload),
       '-chardev',
       `file,id=s0,path=${consoleLog}`,
       '-serial',
@@ -100,6 +101,57 @@ const CASES: { name: string; extra: (dir: string) => string[]; ramBlock: string;
       modes: fs.statfsSync(os.tmpdir()).type === 0x01021994 ? ['live', 'cow', 'stop'] : ['live', 'stop'],
     },
   ];
+
+describe('an adopted QEMU with a qcow2 disk (-drive)', () => {
+  it('checkpoints the disk with memory and restores it on a new overlay; the disk verifies cold', async () => {
+    const vm = 'adopt-disk';
+    const dir = path.join(home, 'foreign', vm);
+    fs.mkdirSync(dir, { recursive: true });
+    const image = path.join(dir, 'root.qcow2');
+    await ext4Qcow2(image, 48);
+    const foreign = await foreignQemu(
+      vm,
+      [
+        '-object',
+        `memory-backend-memfd,id=ram0,size=${MEM_MIB}M,share=on`,
+        '-machine',
+        'memory-backend=ram0',
+        '-drive',
+        `file=${image},if=virtio,format=qcow2`,
+      ],
+      'diskverify:0+memverify:16',
+    );
+    const attach = await tlc(['vm', 'attach', '--name', vm, '--qmp', foreign.qmp]);
+    assert.equal(attach.code, 0, attach.stderr);
+    const ckpt = await takeCheckpoint({ vm, mode: 'live', store });
+    const disk = ckpt.manifest.disks?.[0];
+    assert.ok(disk?.captured, 'the adopted disk is captured');
+    assert.equal(disk.path, image);
+    kill(foreign.id);
+    await waitExit(foreign.id, 5000);
+    const restored = await restoreCheckpoint({ ref: ckpt.id, store, name: `${vm}-r` });
+    const scan = await observeGuest(restored.record.paths.consoleLog, 3000);
+    assert.deepEqual(continuationProblems(scan, ckpt.manifest.guestHeartbeatSeqBefore), []);
+    assert.ok(
+      scan.heartbeats.some((h) => h.kind === 'diskverify'),
+      'the restored guest writes its disk',
+    );
+    const argv = fs.readFileSync(`/proc/${restored.record.process?.pid}/cmdline`, 'latin1').split('\0');
+    const drive = argv.find((a) => a.includes('if=virtio')) ?? '';
+    assert.doesNotMatch(drive, /root\.qcow2/, 'the restored VM does not write the original image');
+    await stopVm(`${vm}-r`, { force: true });
+    const overlay = /file=([^,]+)/.exec(drive)?.[1] as string;
+    const { record } = await startVm({
+      name: `${vm}-cold`,
+      memMiB: 128,
+      workload: 'diskverify:8',
+      disks: [{ path: overlay }],
+    });
+    const verdict = readConsole(record.paths.consoleLog).diskVerdicts[0];
+    await stopVm(`${vm}-cold`, { force: true });
+    assert.ok(verdict?.ok, `cold boot verdict ${JSON.stringify(verdict)}`);
+  });
+});
 
 for (const c of CASES) {
   describe(`an adopted QEMU (${c.name})`, () => {

@@ -132,6 +132,11 @@ test('an adopted command line gets the escaped QMP socket too', () => {
   assert.deepEqual(argv, [
     '-m',
     '128M',
+    // Main RAM always comes from a backend tlc names, so a checkpoint's image can supply it.
+    '-object',
+    'memory-backend-memfd,id=ram0,size=256M,share=on',
+    '-machine',
+    'memory-backend=ram0',
     '-qmp',
     'unix:/run/a,,b/qmp.sock,server=on,wait=off',
     '-pidfile',

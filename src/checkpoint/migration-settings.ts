@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import type { MigrationCapabilityName, MigrationParameters, MigrationStatus } from '../qmp/types.js';
 
 /** Capabilities a checkpoint sets; each is put back to what it was before. */
@@ -46,7 +46,7 @@ const BUSY: ReadonlySet<MigrationStatus> = new Set([
   'postcopy-active',
 ]);
 
-export async function readMigrationSettings(qmp: QmpClient): Promise<MigrationSettings> {
+export async function readMigrationSettings(qmp: Monitor): Promise<MigrationSettings> {
   const caps = await qmp.execute('query-migrate-capabilities');
   const params = await qmp.execute('query-migrate-parameters');
   const capabilities: MigrationSettings['capabilities'] = {};
@@ -60,7 +60,7 @@ export async function readMigrationSettings(qmp: QmpClient): Promise<MigrationSe
 }
 
 /** Waits (without cancelling) until a migration ends; false if it still runs after `timeoutMs`. */
-export async function waitMigrationEnd(qmp: QmpClient, timeoutMs: number): Promise<boolean> {
+export async function waitMigrationEnd(qmp: Monitor, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const info = await qmp.execute('query-migrate');
@@ -71,7 +71,7 @@ export async function waitMigrationEnd(qmp: QmpClient, timeoutMs: number): Promi
 }
 
 /** Cancels a migration still running and waits until QEMU has let go of it. */
-export async function cancelMigration(qmp: QmpClient, timeoutMs = 10_000): Promise<boolean> {
+export async function cancelMigration(qmp: Monitor, timeoutMs = 10_000): Promise<boolean> {
   let info = await qmp.execute('query-migrate');
   if (!info.status || !BUSY.has(info.status)) return false;
   await qmp.execute('migrate_cancel');
@@ -89,7 +89,7 @@ export async function cancelMigration(qmp: QmpClient, timeoutMs = 10_000): Promi
  * has cleaned up after it (`qemuPid`, see waitMigrationCleanup).
  */
 export async function restoreMigrationSettings(
-  qmp: QmpClient,
+  qmp: Monitor,
   saved: MigrationSettings,
   qemuPid: number,
 ): Promise<void> {

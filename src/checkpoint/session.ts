@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CheckpointError, InterruptedError, QmpError, errorText } from '../core/errors.js';
 import { PRIVATE_DIR_MODE } from '../core/paths.js';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import type { StatusInfo } from '../qmp/types.js';
 import type { DiskCapture, DiskLeftovers } from '../disk/capture.js';
 import type { CheckpointMode } from '../store/manifest.js';
@@ -50,7 +50,7 @@ export class CheckpointSession {
 
   private constructor(
     readonly record: VmRecord,
-    readonly qmp: QmpClient,
+    readonly qmp: Monitor,
     readonly status: StatusInfo,
     readonly store: CheckpointStore,
     readonly signal: AbortSignal | undefined,
@@ -270,7 +270,7 @@ function interruption(signal: AbortSignal | undefined): Error {
 }
 
 /** `cont` as soon as QEMU allows it (it refuses while a migration is being finalized). */
-export async function resume(qmp: QmpClient): Promise<void> {
+export async function resume(qmp: Monitor): Promise<void> {
   for (let attempt = 0; ; attempt++) {
     try {
       await qmp.execute('cont');
@@ -282,7 +282,7 @@ export async function resume(qmp: QmpClient): Promise<void> {
   }
 }
 
-async function resumeIfPaused(qmp: QmpClient): Promise<boolean> {
+async function resumeIfPaused(qmp: Monitor): Promise<boolean> {
   const status = await qmp.execute('query-status');
   if (status.running) return false;
   await resume(qmp);

@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CheckpointError } from '../core/errors.js';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import type { MigrationParameters } from '../qmp/types.js';
 import type { CheckpointMode, ControlReport } from '../store/manifest.js';
 import {
@@ -41,7 +41,7 @@ export const NO_THROTTLE_YET: MigrationParameters = {
 };
 
 export interface SuperviseContext {
-  qmp: QmpClient;
+  qmp: Monitor;
   receiver: CheckpointReceiver;
   marks: StageMarks;
   now: () => number;

@@ -1,7 +1,7 @@
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CheckpointError, InterruptedError, TlcError, errorText } from '../core/errors.js';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import type { MigrationInfo, QmpEvent } from '../qmp/types.js';
 import {
   type CheckpointMode,
@@ -450,7 +450,7 @@ function eventTime(ev: QmpEvent): number {
 }
 
 /** QEMU fills `downtime` a moment after `completed` (reference pitfall 12): re-query briefly. */
-async function finalInfo(qmp: QmpClient): Promise<{ downtimeMs?: number; downtimeBytes?: number }> {
+async function finalInfo(qmp: Monitor): Promise<{ downtimeMs?: number; downtimeBytes?: number }> {
   let info: MigrationInfo = {};
   for (let i = 0; i < 20; i++) {
     info = await qmp.execute('query-migrate');
@@ -472,7 +472,7 @@ const AUTO_COW_DIRTY_SHARE = 0.5;
  * snapshot when pre-copy could only finish by throttling the guest hard or by a long stop.
  */
 async function chooseMode(
-  qmp: QmpClient,
+  qmp: Monitor,
   running: boolean,
   sendBps: number,
 ): Promise<{ mode: CheckpointMode; reason: string }> {

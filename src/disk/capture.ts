@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CheckpointError, QmpError } from '../core/errors.js';
 import { hashFile } from '../core/fsutil.js';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import type { QmpEvent, TransactionAction } from '../qmp/types.js';
 import { type DiskLayer, type ManifestDisk, diskLayerFileName } from '../store/manifest.js';
 import type { StoredCheckpoint } from '../store/store.js';
@@ -59,7 +59,7 @@ export class DiskCapture {
   private readonly pendingJobs = new Set<string>();
 
   private constructor(
-    private readonly qmp: QmpClient,
+    private readonly qmp: Monitor,
     private readonly checkpointId: string,
     private readonly disks: Capturable[],
     private readonly skipped: ManifestDisk[],
@@ -70,7 +70,7 @@ export class DiskCapture {
    * loudly), finds the parent checkpoint whose bitmap is still in QEMU for incremental copies.
    */
   static async plan(opts: {
-    qmp: QmpClient;
+    qmp: Monitor;
     spec: VmSpec;
     checkpointId: string;
     previous: StoredCheckpoint[];
@@ -419,7 +419,7 @@ function notCaptured(
  * Cancels jobs, closes target nodes and removes bitmaps by name, ignoring the ones that do not
  * exist (a checkpoint killed early created only some). Returns what it removed.
  */
-export async function removeLeftovers(qmp: QmpClient, left: DiskLeftovers): Promise<string[]> {
+export async function removeLeftovers(qmp: Monitor, left: DiskLeftovers): Promise<string[]> {
   const done: string[] = [];
   const running = new Set((await qmp.execute('query-block-jobs')).map((j) => j.device));
   for (const job of left.jobs) {

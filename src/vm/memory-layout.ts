@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { VmError } from '../core/errors.js';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import type { ProcessIdentity } from './process.js';
 import type { Accel, MemoryBackend } from './spec.js';
 
@@ -12,7 +12,7 @@ export interface MemoryLayout {
   memMiB: number;
 }
 
-export async function memoryLayout(qmp: QmpClient): Promise<MemoryLayout> {
+export async function memoryLayout(qmp: Monitor): Promise<MemoryLayout> {
   const link = await qmp.execute('qom-get', { path: '/machine', property: 'memory-backend' });
   const ramBlock = typeof link === 'string' ? link.replace(/^\/objects\//, '') : '';
   if (!ramBlock) throw new VmError('E_VM_SPEC', 'QEMU does not say which memory backend holds guest RAM');

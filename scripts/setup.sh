@@ -14,6 +14,13 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 if [ "${1:-}" = "--test" ]; then
   [ -x /usr/bin/chromium ] || need+=(chromium)
+  # libvirt 9.0 for test/integration/libvirt.test.ts, which starts its daemons by hand.
+  # libvirt-daemon-system creates the libvirt-qemu user Debian's qemu.conf runs QEMU as; without
+  # systemd as PID 1 its sysv flavour keeps apt from pulling in systemd.
+  if ! command -v virsh >/dev/null || [ ! -x /usr/sbin/libvirtd ]; then
+    need+=(libvirt-daemon-system)
+    [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ] || need+=(libvirt-daemon-system-sysv)
+  fi
 fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

@@ -7,13 +7,28 @@
  * When libvirt already answers at the URI (systemd socket activation, or an administrator's
  * daemons), nothing is started and nothing is stopped.
  *
- * One runtime file is set beforehand: `/run/libvirt/network/autostarted`, libvirt's own marker
- * that autostart already ran since boot (virDriverShouldAutostart). Without it the first libvirtd
- * start would bring up Debian's `default` NAT network (a virbr0 bridge and firewall rules) on the
- * host; the domains here need no network. Configuration files are not touched.
+ * Configuration files are not touched. Two runtime things are set beforehand:
+ * - `/run/libvirt/network/autostarted`, libvirt's own marker that autostart already ran since boot
+ *   (virDriverShouldAutostart). Without it the first libvirtd start would bring up Debian's
+ *   `default` NAT network (a virbr0 bridge and firewall rules) on the host; these domains need none.
+ * - `/dev/kvm` gets the group `kvm` and mode 0660, as Debian's udev rule gives it, when there is no
+ *   udev to do so (containers: root:root 0600); the original owner and mode are put back by
+ *   `stop()`. Otherwise libvirt 9.0 finds KVM usable when it probes QEMU's capabilities but not
+ *   usable for `libvirt-qemu` when it checks its cache, so it throws the cache away and probes QEMU
+ *   again on every lookup: 4-30 s added to each `virsh version`, `define`, `start` and `restore`.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,6 +39,7 @@ const VIRTLOGD_SOCKET = join(RUN_DIR, 'virtlogd-sock');
 const NETWORK_AUTOSTARTED = join(RUN_DIR, 'network', 'autostarted');
 const DAEMON_DIRS = ['/usr/sbin', '/usr/local/sbin', '/sbin'];
 const STOP_GRACE_MS = 10_000;
+const KVM_DEVICE = '/dev/kvm';
 
 export interface StartedDaemon {
   name: 'virtlogd' | 'libvirtd';
@@ -37,6 +53,8 @@ export interface LibvirtDaemons {
   started: readonly StartedDaemon[];
   /** From spawning the first daemon to libvirt answering `virsh version`. */
   startMs: number;
+  /** What was changed on the host for the daemons (put back by stop()), for reports. */
+  changes: readonly string[];
   /** Ends the daemons started here (SIGTERM, then SIGKILL after 10 s), libvirtd first. */
   stop(): Promise<void>;
 }
@@ -67,7 +85,8 @@ function inPath(name: string): boolean {
  * user), and QEMU.
  */
 export function libvirtUnavailable(): string | undefined {
-  if (process.platform !== 'linux') return `libvirt's system daemons need Linux (this is ${process.platform})`;
+  if (process.platform !== 'linux')
+    return `libvirt's system daemons need Linux (this is ${process.platform})`;
   if (process.getuid?.() !== 0) return 'starting libvirt (qemu:///system) needs root';
   const missing = [
     inPath('virsh') ? undefined : 'virsh',
@@ -84,8 +103,44 @@ export function libvirtUnavailable(): string | undefined {
   } catch {
     // checked below
   }
-  if (!/^libvirt-qemu:/m.test(passwd)) return 'the libvirt-qemu user does not exist (install libvirt-daemon-system)';
+  if (!/^libvirt-qemu:/m.test(passwd))
+    return 'the libvirt-qemu user does not exist (install libvirt-daemon-system)';
   return undefined;
+}
+
+/** The gid of `group` from /etc/group. */
+function groupId(group: string): number | undefined {
+  try {
+    const line = readFileSync('/etc/group', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith(`${group}:`));
+    const gid = Number(line?.split(':')[2]);
+    return Number.isInteger(gid) ? gid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Gives /dev/kvm Debian's udev permissions (group kvm, 0660) when nothing did; returns how to put
+ * back what it found, or undefined when it changed nothing.
+ */
+function kvmDeviceAsUdev(): { what: string; undo: () => void } | undefined {
+  if (!existsSync(KVM_DEVICE)) return undefined;
+  const kvmGid = groupId('kvm');
+  if (kvmGid === undefined) return undefined;
+  const st = statSync(KVM_DEVICE);
+  const mode = st.mode & 0o7777;
+  if ((mode & 0o006) === 0o006 || (st.gid === kvmGid && (mode & 0o060) === 0o060)) return undefined;
+  chownSync(KVM_DEVICE, st.uid, kvmGid);
+  chmodSync(KVM_DEVICE, 0o660);
+  return {
+    what: `${KVM_DEVICE} set to group kvm, mode 0660 (was gid ${st.gid}, mode ${mode.toString(8).padStart(4, '0')})`,
+    undo: () => {
+      chownSync(KVM_DEVICE, st.uid, st.gid);
+      chmodSync(KVM_DEVICE, mode);
+    },
+  };
 }
 
 /** Does `virsh -c URI version` answer? */
@@ -118,7 +173,10 @@ function tail(file: string, bytes = 600): string {
   }
 }
 
-function spawnDaemon(name: StartedDaemon['name'], logDir: string): { child: ChildProcess; info: StartedDaemon } {
+function spawnDaemon(
+  name: StartedDaemon['name'],
+  logDir: string,
+): { child: ChildProcess; info: StartedDaemon } {
   const binary = findDaemon(name);
   if (!binary) throw new LibvirtError(`${name} is not installed`, 'no-daemon');
   const log = join(logDir, `${name}.log`);
@@ -188,16 +246,23 @@ export async function startLibvirtDaemons(opts: StartOptions): Promise<LibvirtDa
   const timeoutMs = opts.timeoutMs ?? 30_000;
   const t0 = performance.now();
   if (await libvirtAnswers(uri)) {
-    return { uri, started: [], startMs: performance.now() - t0, stop: async () => undefined };
+    return { uri, started: [], startMs: performance.now() - t0, changes: [], stop: async () => undefined };
   }
   const reason = libvirtUnavailable();
   if (reason) throw new LibvirtError(reason, 'no-daemon');
   mkdirSync(opts.logDir, { recursive: true });
   const children: { child: ChildProcess; info: StartedDaemon }[] = [];
+  const changes: string[] = [];
+  let kvm: ReturnType<typeof kvmDeviceAsUdev>;
   const stop = async (): Promise<void> => {
     for (const { child } of [...children].reverse()) await stopChild(child);
+    children.length = 0;
+    kvm?.undo();
+    kvm = undefined;
   };
   try {
+    kvm = kvmDeviceAsUdev();
+    if (kvm) changes.push(kvm.what);
     if (!(await socketAnswers(VIRTLOGD_SOCKET))) {
       const d = spawnDaemon('virtlogd', opts.logDir);
       children.push(d);
@@ -206,13 +271,19 @@ export async function startLibvirtDaemons(opts: StartOptions): Promise<LibvirtDa
     if (!existsSync(NETWORK_AUTOSTARTED)) {
       mkdirSync(join(RUN_DIR, 'network'), { recursive: true, mode: 0o755 });
       writeFileSync(NETWORK_AUTOSTARTED, '', { mode: 0o600 });
+      changes.push(`${NETWORK_AUTOSTARTED} created (no autostart of the default network)`);
     }
     const d = spawnDaemon('libvirtd', opts.logDir);
     children.push(d);
-    await waitUntil('libvirtd', d.child, d.info.log, timeoutMs, () => libvirtAnswers(uri, 2000));
+    // `version` answers once the QEMU driver is up and has QEMU's capabilities (probed on the
+    // first start, ~10-30 s under load, then cached): each try may take that long.
+    const deadline = performance.now() + timeoutMs;
+    await waitUntil('libvirtd', d.child, d.info.log, timeoutMs, () =>
+      libvirtAnswers(uri, Math.max(1000, deadline - performance.now())),
+    );
   } catch (err) {
     await stop();
     throw err;
   }
-  return { uri, started: children.map((c) => c.info), startMs: performance.now() - t0, stop };
+  return { uri, started: children.map((c) => c.info), startMs: performance.now() - t0, changes, stop };
 }

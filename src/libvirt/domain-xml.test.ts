@@ -18,15 +18,22 @@ describe('guestDomainXml', () => {
     assert.match(xml, /<memory unit='MiB'>128<\/memory>/);
     assert.match(xml, /<kernel>\/var\/lib\/libvirt\/images\/web\/vmlinuz<\/kernel>/);
     assert.match(xml, /<cmdline>console=ttyS0 tlc.workload=memverify:32<\/cmdline>/);
-    assert.match(xml, /<serial type='file'>\n {6}<source path='\/var\/log\/tlc\/web console.log' append='on'\/>/);
+    assert.match(
+      xml,
+      /<serial type='file'>\n {6}<source path='\/var\/log\/tlc\/web console.log' append='on'\/>/,
+    );
     assert.match(xml, /<controller type='usb' model='none'\/>/);
     assert.match(xml, /<memballoon model='none'\/>/);
+    assert.match(xml, /<features>\n {4}<acpi\/>\n {2}<\/features>/);
     assert.doesNotMatch(xml, /memoryBacking|<interface|<disk/);
   });
 
   it('asks for shared memfd RAM and KVM when told', () => {
     const xml = guestDomainXml({ ...base, memfd: true, type: 'kvm', vcpus: 2 });
-    assert.match(xml, /<memoryBacking>\n {4}<source type='memfd'\/>\n {4}<access mode='shared'\/>\n {2}<\/memoryBacking>/);
+    assert.match(
+      xml,
+      /<memoryBacking>\n {4}<source type='memfd'\/>\n {4}<access mode='shared'\/>\n {2}<\/memoryBacking>/,
+    );
     assert.match(xml, /^<domain type='kvm'>/);
     assert.match(xml, /<vcpu>2<\/vcpu>/);
   });

@@ -55,7 +55,8 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
   if (!NAME_RE.test(opts.name)) {
     throw new RangeError(`Invalid domain name "${opts.name}": use 1-64 letters, digits, '.', '_' or '-'`);
   }
-  if (!Number.isInteger(opts.memMiB) || opts.memMiB < 16) throw new RangeError(`Bad memory size ${opts.memMiB} MiB`);
+  if (!Number.isInteger(opts.memMiB) || opts.memMiB < 16)
+    throw new RangeError(`Bad memory size ${opts.memMiB} MiB`);
   const vcpus = opts.vcpus ?? 1;
   if (!Number.isInteger(vcpus) || vcpus < 1) throw new RangeError(`Bad vCPU count ${vcpus}`);
   if (opts.uuid !== undefined && !UUID_RE.test(opts.uuid)) throw new RangeError(`Bad UUID ${opts.uuid}`);
@@ -73,7 +74,12 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
     ...(opts.uuid ? [`  <uuid>${e(opts.uuid)}</uuid>`] : []),
     `  <memory unit='MiB'>${opts.memMiB}</memory>`,
     ...(opts.memfd
-      ? ['  <memoryBacking>', "    <source type='memfd'/>", "    <access mode='shared'/>", '  </memoryBacking>']
+      ? [
+          '  <memoryBacking>',
+          "    <source type='memfd'/>",
+          "    <access mode='shared'/>",
+          '  </memoryBacking>',
+        ]
       : []),
     `  <vcpu>${vcpus}</vcpu>`,
     '  <os>',
@@ -82,6 +88,11 @@ export function guestDomainXml(opts: GuestDomainOptions): string {
     `    <initrd>${e(opts.initrd)}</initrd>`,
     `    <cmdline>${e(opts.cmdline)}</cmdline>`,
     '  </os>',
+    // ACPI as in tlc's own QEMU command line (libvirt adds -no-acpi without it); the bundled guest
+    // has no ACPI daemon, so `virsh shutdown` is accepted and ignored: `virsh destroy` stops it.
+    '  <features>',
+    '    <acpi/>',
+    '  </features>',
     // A reboot (the guest's panic=-1 turns a panic into one) or a power-off ends the domain, so a
     // test sees it stop instead of a fresh boot.
     '  <on_poweroff>destroy</on_poweroff>',

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { QmpError } from '../core/errors.js';
-import { LibvirtMonitor, parseCommandReply, parseEventLine } from './monitor.js';
+import { LibvirtMonitor, parseCommandReply, parseEventLine, parseLifecycleLine } from './monitor.js';
 import { libvirtFault } from './virsh.js';
 
 describe('parseEventLine (virsh qemu-monitor-event output)', () => {
@@ -19,7 +19,11 @@ describe('parseEventLine (virsh qemu-monitor-event output)', () => {
   it('reads the data object', () => {
     assert.deepEqual(
       parseEventLine(`event MIGRATION at 1700000000.000042 for domain 'web': {"status":"completed"}`, 'web'),
-      { event: 'MIGRATION', timestamp: { seconds: 1700000000, microseconds: 42 }, data: { status: 'completed' } },
+      {
+        event: 'MIGRATION',
+        timestamp: { seconds: 1700000000, microseconds: 42 },
+        data: { status: 'completed' },
+      },
     );
   });
 
@@ -33,12 +37,18 @@ describe('parseEventLine (virsh qemu-monitor-event output)', () => {
       timestamp: { seconds: Date.UTC(2026, 10, 23, 18, 47, 59) / 1000, microseconds: 655000 },
       data: { pass: 2 },
     });
-    const shifted = parseEventLine(`2026-11-23 20:47:59.655+0200: event STOP for domain 'web': <null>`, 'web');
+    const shifted = parseEventLine(
+      `2026-11-23 20:47:59.655+0200: event STOP for domain 'web': <null>`,
+      'web',
+    );
     assert.equal(shifted?.timestamp?.seconds, Date.UTC(2026, 10, 23, 18, 47, 59) / 1000);
   });
 
   it('strips a carriage return', () => {
-    assert.equal(parseEventLine("event RESUME at 1.000001 for domain 'web': <null>\r", 'web')?.event, 'RESUME');
+    assert.equal(
+      parseEventLine("event RESUME at 1.000001 for domain 'web': <null>\r", 'web')?.event,
+      'RESUME',
+    );
   });
 
   it("takes the domain name literally (quotes and ': ' inside it)", () => {
@@ -66,11 +76,32 @@ describe('parseEventLine (virsh qemu-monitor-event output)', () => {
   });
 });
 
+describe('parseLifecycleLine (virsh event --event lifecycle output)', () => {
+  it('returns the event and detail for the domain only', () => {
+    assert.equal(
+      parseLifecycleLine("event 'lifecycle' for domain 'web': Stopped Destroyed", 'web'),
+      'Stopped Destroyed',
+    );
+    assert.equal(
+      parseLifecycleLine("event 'lifecycle' for domain 'web': Resumed Unpaused\r", 'web'),
+      'Resumed Unpaused',
+    );
+    assert.equal(
+      parseLifecycleLine("event 'lifecycle' for domain 'other': Stopped Destroyed", 'web'),
+      undefined,
+    );
+    assert.equal(parseLifecycleLine('events received: 1', 'web'), undefined);
+  });
+});
+
 describe('parseCommandReply (virsh qemu-monitor-command output)', () => {
   it('returns the return value', () => {
-    assert.deepEqual(parseCommandReply('query-status', '{"return":{"status":"running"},"id":"libvirt-4"}\n\n'), {
-      status: 'running',
-    });
+    assert.deepEqual(
+      parseCommandReply('query-status', '{"return":{"status":"running"},"id":"libvirt-4"}\n\n'),
+      {
+        status: 'running',
+      },
+    );
   });
 
   it('maps a QMP error to E_QMP_EXECUTE with its class', () => {
@@ -122,8 +153,14 @@ log="$FAKE_VIRSH_LOG"
 case "$cmd" in
 dominfo)
   if [ "$dom" = gone ]; then echo "error: failed to get domain 'gone'" >&2; exit 1; fi
+  if [ "$dom" = dies ]; then printf 'Id:             8\\nName:           dies\\nUUID:           00000000-0000-0000-0000-000000000003\\nState:          running\\n'; exit 0; fi
   if [ "$dom" = off ]; then printf 'Id:             -\\nName:           off\\nUUID:           00000000-0000-0000-0000-000000000002\\nState:          shut off\\n'; exit 0; fi
   printf 'Id:             7\\nName:           web\\nUUID:           00000000-0000-0000-0000-000000000001\\nState:          running\\n'
+  ;;
+event)
+  echo "lifecycle $$" >> "$log"
+  if [ "$3" = dies ]; then sleep 0.5; echo "event 'lifecycle' for domain 'dies': Stopped Destroyed"; fi
+  exec sleep 1000
   ;;
 qemu-monitor-event)
   echo "event $$" >> "$log"
@@ -184,7 +221,7 @@ describe('LibvirtMonitor against a stand-in virsh', () => {
     const m = await LibvirtMonitor.connect('web', { timeoutMs: 5000 });
     assert.equal(m.domain, 'web');
     assert.equal(m.domainId, 7);
-    assert.ok(m.eventPid !== undefined);
+    assert.equal(m.watcherPids.length, 2, 'QEMU events and lifecycle events');
     const stop = m.waitEvent('STOP', 5000);
     const migration = m.waitEvent('MIGRATION', 5000, (ev) => ev.data?.status === 'setup');
     const order: string[] = [];
@@ -234,14 +271,26 @@ describe('LibvirtMonitor against a stand-in virsh', () => {
 
   it('close() kills a running command and the event child', async () => {
     const m = await LibvirtMonitor.connect('web', { timeoutMs: 5000 });
-    const pid = m.eventPid;
-    assert.ok(pid !== undefined);
+    const pids = m.watcherPids;
+    assert.equal(pids.length, 2);
     const pending = m.executeRaw('hang', undefined, { timeoutMs: 30_000 });
     await new Promise((r) => setTimeout(r, 200));
     m.close();
     await rejectsWith(pending, 'E_QMP_CLOSED');
     await new Promise((r) => setTimeout(r, 200));
-    assert.throws(() => process.kill(pid, 0), 'the event child is gone');
+    for (const pid of pids) assert.throws(() => process.kill(pid, 0), 'the event children are gone');
+  });
+
+  it('closes when libvirt reports the domain stopped', async () => {
+    const m = await LibvirtMonitor.connect('dies', { timeoutMs: 5000 });
+    const waiting = m.waitEvent('RESUME', 10_000);
+    const closed = await rejectsWith(waiting, 'E_QMP_CLOSED');
+    assert.match(closed.message, /closed while waiting for RESUME/);
+    assert.equal(m.closed, true);
+    const err = await rejectsWith(m.execute('query-status'), 'E_QMP_CLOSED');
+    assert.match(err.message, /libvirt reports the domain Stopped Destroyed/);
+    for (let i = 0; i < 50 && m.watcherPids.length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(m.watcherPids, [], 'the event children were ended');
   });
 
   it('refuses a missing or stopped domain with E_QMP_CONNECT', async () => {

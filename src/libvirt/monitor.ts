@@ -5,12 +5,13 @@
  * - Commands go through libvirt's monitor passthrough, one `virsh qemu-monitor-command DOM '{json}'`
  *   per command (file descriptors with `--pass-fds`). They run one at a time, in call order, as
  *   they would on a QMP socket. Each costs a virsh process: about 20-30 ms.
- * - Events come from one long-running `virsh qemu-monitor-event DOM --loop` child whose lines are
+ * - Events come from a long-running `virsh qemu-monitor-event DOM --loop` child whose lines are
  *   parsed by `parseEventLine`. Without `--timestamp` virsh prints QEMU's own event time, which
  *   becomes the event's `timestamp` as on a QMP socket.
  * - The monitor belongs to one run of the domain's QEMU (libvirt's domain id at connect time): once
- *   libvirt says the domain is not running, or the event child ends, the monitor is closed and every
- *   later call fails with E_QMP_CLOSED, as QmpClient does when QEMU exits.
+ *   libvirt reports the domain stopped (a second child, `virsh event --event lifecycle --loop`), a
+ *   command finds it not running, or an event child ends, the monitor is closed: waiters and later
+ *   calls fail with E_QMP_CLOSED, as with QmpClient when QEMU exits.
  *
  * libvirt marks the domain as tainted ("custom monitor control commands issued"); it keeps its own
  * monitor and follows STOP/RESUME, so `virsh domstate` stays right.
@@ -153,9 +154,8 @@ export class LibvirtMonitor extends EventEmitter {
   readonly uri: string;
   /** A label for messages, in place of QmpClient's socket path. */
   readonly path: string;
-  private eventChild: ChildProcess | undefined;
-  private eventStderr = '';
-  private partial = '';
+  /** The long-running virsh children (QEMU events, lifecycle events). */
+  private readonly watchers: ChildProcess[] = [];
   private closedError: QmpError | undefined;
   /** Aborted on close(): kills every virsh still running for us. */
   private readonly abort = new AbortController();
@@ -215,9 +215,11 @@ export class LibvirtMonitor extends EventEmitter {
     return { ...this.stats };
   }
 
-  /** Pid of the `virsh qemu-monitor-event` child, while it runs. */
-  get eventPid(): number | undefined {
-    return this.eventChild?.exitCode === null ? this.eventChild.pid : undefined;
+  /** Pids of the running virsh children that watch events, for tests and for killing by pid. */
+  get watcherPids(): number[] {
+    return this.watchers
+      .filter((c) => c.exitCode === null && c.signalCode === null)
+      .flatMap((c) => c.pid ?? []);
   }
 
   execute<C extends QmpCommandName>(
@@ -239,7 +241,8 @@ export class LibvirtMonitor extends EventEmitter {
     const run = async (): Promise<unknown> => {
       if (this.closedError) throw this.closedError;
       const left = Math.round(deadline - performance.now());
-      if (left <= 0) throw new QmpError('E_QMP_TIMEOUT', `QMP ${command} got no reply within ${timeoutMs} ms`);
+      if (left <= 0)
+        throw new QmpError('E_QMP_TIMEOUT', `QMP ${command} got no reply within ${timeoutMs} ms`);
       const msg = args === undefined ? { execute: command } : { execute: command, arguments: args };
       const argv = ['qemu-monitor-command', this.domain];
       const fds = opts.fds ?? [];
@@ -255,7 +258,9 @@ export class LibvirtMonitor extends EventEmitter {
             cause: err,
           });
         }
-        throw new QmpError('E_QMP_EXECUTE', `QMP ${command} through libvirt: ${errorText(err)}`, { cause: err });
+        throw new QmpError('E_QMP_EXECUTE', `QMP ${command} through libvirt: ${errorText(err)}`, {
+          cause: err,
+        });
       }
       this.record(r.ms);
       if (r.exitCode !== 0) throw this.virshFailure(command, r.error);
@@ -331,38 +336,74 @@ export class LibvirtMonitor extends EventEmitter {
       this.markClosed(`libvirt says: ${message}`);
       return new QmpError('E_QMP_CLOSED', `QMP ${command}: ${this.path} is gone (${message})`);
     }
-    if (fault === 'timeout') return new QmpError('E_QMP_TIMEOUT', `QMP ${command} through libvirt: ${message}`);
-    return new QmpError('E_QMP_EXECUTE', `QMP ${command} through libvirt failed: ${message || 'virsh failed'}`);
-  }
-
-  private startEvents(): void {
-    const child = spawn(VIRSH, ['-c', this.uri, 'qemu-monitor-event', this.domain, '--loop'], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, LC_ALL: 'C', LANG: 'C' },
-    });
-    this.eventChild = child;
-    child.stdout?.setEncoding('utf8');
-    child.stdout?.on('data', (chunk: string) => this.onEventData(chunk));
-    child.stderr?.setEncoding('utf8');
-    child.stderr?.on('data', (chunk: string) => {
-      if (this.eventStderr.length < 4096) this.eventStderr += chunk;
-    });
-    child.once('error', (err) => this.markClosed(`cannot run ${VIRSH} qemu-monitor-event: ${err.message}`));
-    child.once('exit', (code, sig) => {
-      const why = this.eventStderr.trim().replace(/^error: /gm, '').split('\n').join('; ');
-      this.markClosed(`virsh qemu-monitor-event ended (${sig ?? `exit status ${code}`})${why ? `: ${why}` : ''}`);
-    });
+    if (fault === 'timeout')
+      return new QmpError('E_QMP_TIMEOUT', `QMP ${command} through libvirt: ${message}`);
+    return new QmpError(
+      'E_QMP_EXECUTE',
+      `QMP ${command} through libvirt failed: ${message || 'virsh failed'}`,
+    );
   }
 
   /**
-   * virsh gives no sign once its event callback is registered. connect() starts the event child
-   * before its first command and returns only after that command, the child's start and a short
+   * The two long-running virsh children: QEMU's events, and libvirt's lifecycle events for the
+   * domain (a `Stopped` one means this QEMU is gone, however it ended: the monitor closes then,
+   * as a QMP socket would).
+   */
+  private startEvents(): void {
+    this.watchers.push(
+      this.watch('qemu-monitor-event', ['qemu-monitor-event', this.domain, '--loop'], (line) => {
+        const ev = parseEventLine(line, this.domain);
+        if (ev) this.emit('event', ev);
+      }),
+      this.watch('event', ['event', '--domain', this.domain, '--event', 'lifecycle', '--loop'], (line) => {
+        const what = parseLifecycleLine(line, this.domain);
+        if (what?.startsWith('Stopped')) this.markClosed(`libvirt reports the domain ${what}`);
+      }),
+    );
+  }
+
+  /** Runs `virsh ARGS` until the monitor closes, handing each line of its output to `onLine`. */
+  private watch(what: string, args: string[], onLine: (line: string) => void): ChildProcess {
+    const child = spawn(VIRSH, ['-c', this.uri, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, LC_ALL: 'C', LANG: 'C' },
+    });
+    let partial = '';
+    let stderr = '';
+    child.stdout?.setEncoding('utf8');
+    child.stdout?.on('data', (chunk: string) => {
+      let text = partial + chunk;
+      for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
+        onLine(text.slice(0, nl));
+        text = text.slice(nl + 1);
+      }
+      // A line this long is not virsh's: drop it rather than buffer without bound.
+      partial = text.length > MAX_EVENT_LINE_BYTES ? '' : text;
+    });
+    child.stderr?.setEncoding('utf8');
+    child.stderr?.on('data', (chunk: string) => {
+      if (stderr.length < 4096) stderr += chunk;
+    });
+    child.once('error', (err) => this.markClosed(`cannot run ${VIRSH} ${what}: ${err.message}`));
+    child.once('exit', (code, sig) => {
+      const why = stderr
+        .trim()
+        .replace(/^error: /gm, '')
+        .split('\n')
+        .join('; ');
+      this.markClosed(`virsh ${what} ended (${sig ?? `exit status ${code}`})${why ? `: ${why}` : ''}`);
+    });
+    return child;
+  }
+
+  /**
+   * virsh gives no sign once its event callback is registered. connect() starts the event children
+   * before its first command and returns only after that command, the children's start and a short
    * settle time: a virsh spawn plus two libvirt calls, the same work as a command.
    */
   private async waitEventsReady(timeoutMs: number): Promise<void> {
-    const child = this.eventChild;
-    if (!child) return;
-    if (child.pid === undefined) {
+    for (const child of this.watchers) {
+      if (child.pid !== undefined) continue;
       await new Promise<void>((resolve) => {
         child.once('spawn', resolve);
         child.once('error', () => resolve());
@@ -372,46 +413,44 @@ export class LibvirtMonitor extends EventEmitter {
     if (this.closedError) throw this.closedError;
   }
 
-  private onEventData(chunk: string): void {
-    let text = this.partial + chunk;
-    let nl = text.indexOf('\n');
-    while (nl >= 0) {
-      const line = text.slice(0, nl);
-      text = text.slice(nl + 1);
-      const ev = parseEventLine(line, this.domain);
-      if (ev) this.emit('event', ev);
-      nl = text.indexOf('\n');
-    }
-    if (text.length > MAX_EVENT_LINE_BYTES) {
-      // Not virsh's output: drop the line rather than buffer without bound.
-      text = '';
-    }
-    this.partial = text;
-  }
-
   private markClosed(why: string): void {
     if (this.closedError) return;
     this.closedError = new QmpError('E_QMP_CLOSED', `QMP connection to ${this.path}: ${why}`);
     this.abort.abort();
-    const child = this.eventChild;
-    if (child?.pid !== undefined && child.exitCode === null && child.signalCode === null) {
-      try {
-        process.kill(child.pid, 'SIGTERM');
-      } catch {
-        // already gone
+    for (const child of this.watchers) {
+      if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
+        try {
+          process.kill(child.pid, 'SIGTERM');
+        } catch {
+          // already gone
+        }
       }
+      child.stdout?.destroy();
+      child.stderr?.destroy();
     }
-    child?.stdout?.destroy();
-    child?.stderr?.destroy();
     this.emit('close');
   }
 }
 
+/**
+ * The event of a `virsh event --event lifecycle` line for `domain` (`Stopped Destroyed`,
+ * `Resumed Unpaused`, ...): virsh prints `event 'lifecycle' for domain 'DOM': EVENT DETAIL`.
+ */
+export function parseLifecycleLine(line: string, domain: string): string | undefined {
+  const prefix = `event 'lifecycle' for domain '${domain}': `;
+  const text = line.endsWith('\r') ? line.slice(0, -1) : line;
+  return text.startsWith(prefix) ? text.slice(prefix.length).trim() : undefined;
+}
+
 function connectError(domain: string, uri: string, err: unknown, timeoutMs: number): QmpError {
   if (err instanceof LibvirtError && err.fault === 'killed') {
-    return new QmpError('E_QMP_TIMEOUT', `libvirt did not answer about domain ${domain} within ${timeoutMs} ms`, {
-      cause: err,
-    });
+    return new QmpError(
+      'E_QMP_TIMEOUT',
+      `libvirt did not answer about domain ${domain} within ${timeoutMs} ms`,
+      {
+        cause: err,
+      },
+    );
   }
   return new QmpError('E_QMP_CONNECT', `Cannot reach libvirt domain ${domain} at ${uri}: ${errorText(err)}`, {
     cause: err,

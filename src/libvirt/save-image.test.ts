@@ -60,7 +60,13 @@ describe('save image header layout', () => {
     // Header of /tmp save image from Debian 12's libvirt 9.0.0-4+deb12u2 (domain tlc-x, 128 MiB):
     // data_len 67214 = 1441 (XML) + 1 + 235 (cookie) + 1 + 65536, cookieOffset 1442, was_running 1.
     const header = Buffer.from(
-      '4c69627669727451656d756453617665' + '02000000' + '8e060100' + '01000000' + '00000000' + 'a2050000' + '00'.repeat(56),
+      '4c69627669727451656d756453617665' +
+        '02000000' +
+        '8e060100' +
+        '01000000' +
+        '00000000' +
+        'a2050000' +
+        '00'.repeat(56),
       'hex',
     );
     const h = decodeSaveImageHeader(header);
@@ -145,7 +151,10 @@ describe('SaveImageWriter', () => {
 
   it('writeSaveImage takes an iterable; a failing source leaves no file', async () => {
     const path = join(dir, 'b.img');
-    const r = await writeSaveImage(path, { xml: XML, wasRunning: false }, [Buffer.from('ab'), Buffer.from('c')]);
+    const r = await writeSaveImage(path, { xml: XML, wasRunning: false }, [
+      Buffer.from('ab'),
+      Buffer.from('c'),
+    ]);
     assert.equal(r.bytes, r.streamOffset + 3);
     const bad = join(dir, 'c.img');
     async function* failing(): AsyncGenerator<Buffer> {

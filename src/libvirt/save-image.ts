@@ -52,7 +52,6 @@ const FIELD = {
   unused: 36,
 } as const;
 const MAGIC_BYTES = 16;
-const UNUSED_WORDS = 14;
 
 export interface SaveImageHeader {
   /** False while the image is being written (partial magic). */
@@ -95,14 +94,18 @@ export class SaveImageError extends TlcError {
 export function encodeSaveImagePrefix(opts: SaveImageOptions, complete = true): Buffer {
   const xml = Buffer.from(opts.xml, 'utf8');
   const cookie = opts.cookie === undefined ? undefined : Buffer.from(opts.cookie, 'utf8');
-  if (xml.includes(0) || cookie?.includes(0)) throw new SaveImageError('The domain XML or cookie contains a NUL byte');
-  if (!/^\s*<domain[\s>]/.test(opts.xml)) throw new SaveImageError('The save image XML is not a <domain> element');
+  if (xml.includes(0) || cookie?.includes(0))
+    throw new SaveImageError('The domain XML or cookie contains a NUL byte');
+  if (!/^\s*<domain[\s>]/.test(opts.xml))
+    throw new SaveImageError('The save image XML is not a <domain> element');
   const padding = opts.padding ?? SAVE_IMAGE.DATA_PADDING;
   if (!Number.isSafeInteger(padding) || padding < 0) throw new SaveImageError(`Bad padding ${padding}`);
   const xmlBytes = xml.length + 1;
   const dataLen = xmlBytes + (cookie ? cookie.length + 1 : 0) + padding;
   if (dataLen > SAVE_IMAGE.MAX_DATA_BYTES) {
-    throw new SaveImageError(`The save image data would be ${dataLen} bytes, over ${SAVE_IMAGE.MAX_DATA_BYTES}`);
+    throw new SaveImageError(
+      `The save image data would be ${dataLen} bytes, over ${SAVE_IMAGE.MAX_DATA_BYTES}`,
+    );
   }
   const out = Buffer.alloc(SAVE_IMAGE.HEADER_BYTES + dataLen);
   out.write(complete ? SAVE_IMAGE.MAGIC : SAVE_IMAGE.PARTIAL_MAGIC, FIELD.magic, MAGIC_BYTES, 'latin1');
@@ -123,7 +126,9 @@ export function decodeSaveImageHeader(buf: Buffer): SaveImageHeader {
   }
   const magic = buf.toString('latin1', FIELD.magic, FIELD.magic + MAGIC_BYTES);
   if (magic !== SAVE_IMAGE.MAGIC && magic !== SAVE_IMAGE.PARTIAL_MAGIC) {
-    throw new SaveImageError(`Not a libvirt save image: magic ${JSON.stringify(magic)} at offset ${FIELD.magic}`);
+    throw new SaveImageError(
+      `Not a libvirt save image: magic ${JSON.stringify(magic)} at offset ${FIELD.magic}`,
+    );
   }
   let le = true;
   let version = buf.readUInt32LE(FIELD.version);
@@ -148,7 +153,9 @@ export function decodeSaveImageHeader(buf: Buffer): SaveImageHeader {
   }
   const cookieOffset = u32(FIELD.cookieOffset);
   if (cookieOffset >= dataLen) {
-    throw new SaveImageError(`Save image cookie offset ${cookieOffset} at offset ${FIELD.cookieOffset} is past the data`);
+    throw new SaveImageError(
+      `Save image cookie offset ${cookieOffset} at offset ${FIELD.cookieOffset} is past the data`,
+    );
   }
   return {
     complete: magic === SAVE_IMAGE.MAGIC,
@@ -165,7 +172,9 @@ export function decodeSaveImagePrefix(buf: Buffer): SaveImagePrefix {
   const header = decodeSaveImageHeader(buf);
   const streamOffset = SAVE_IMAGE.HEADER_BYTES + header.dataLen;
   if (buf.length < streamOffset) {
-    throw new SaveImageError(`Save image truncated: its data ends at ${streamOffset}, got ${buf.length} bytes`);
+    throw new SaveImageError(
+      `Save image truncated: its data ends at ${streamOffset}, got ${buf.length} bytes`,
+    );
   }
   const data = buf.subarray(SAVE_IMAGE.HEADER_BYTES, streamOffset);
   const xmlEnd = header.cookieOffset > 0 ? header.cookieOffset : data.length;
@@ -221,9 +230,13 @@ export class SaveImageWriter {
     return this.position - this.streamOffset;
   }
 
-  /** Appends a chunk of the QEMU stream (the chunk must not be reused until this resolves). */
+  /**
+   * Appends a chunk of the QEMU stream (the chunk must not be reused until this resolves). Chunks
+   * queue in memory while the disk is slower than the stream: await the writes to bound that.
+   */
   write(chunk: Buffer): Promise<void> {
-    if (this.done) return Promise.reject(new PersistError('write', this.path, new Error('image already finished')));
+    if (this.done)
+      return Promise.reject(new PersistError('write', this.path, new Error('image already finished')));
     const at = this.position;
     this.position += chunk.length;
     this.chain = this.chain.then(async () => {
@@ -238,9 +251,12 @@ export class SaveImageWriter {
         this.failure = err;
       }
     });
-    return this.chain.then(() => {
+    const written = this.chain.then(() => {
       if (this.failure !== undefined) throw new PersistError('write', this.path, this.failure);
     });
+    // A caller may await only its last write (or finish(), which reports the failure too).
+    written.catch(() => undefined);
+    return written;
   }
 
   /** Makes the image durable and complete; returns the file's size. */

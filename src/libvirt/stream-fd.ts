@@ -52,7 +52,8 @@ export async function openMigrationChannel(
   opts: OpenChannelOptions = {},
 ): Promise<MigrationChannel> {
   const fdname = opts.fdname ?? DEFAULT_FDNAME;
-  if (!FDNAME_RE.test(fdname)) throw new QmpError('E_QMP_EXECUTE', `Bad descriptor name "${fdname}" for getfd`);
+  if (!FDNAME_RE.test(fdname))
+    throw new QmpError('E_QMP_EXECUTE', `Bad descriptor name "${fdname}" for getfd`);
   const timeoutMs = opts.timeoutMs ?? 10_000;
   const dir = await mkdtemp(join(opts.dir ?? tmpdir(), 'tlc-libvirt-'));
   let server: net.Server | undefined;
@@ -80,9 +81,13 @@ export async function openMigrationChannel(
     accepted?.destroy();
     throw err instanceof QmpError
       ? err
-      : new QmpError('E_QMP_EXECUTE', `Cannot hand a migration channel to ${monitor.path}: ${errorText(err)}`, {
-          cause: err,
-        });
+      : new QmpError(
+          'E_QMP_EXECUTE',
+          `Cannot hand a migration channel to ${monitor.path}: ${errorText(err)}`,
+          {
+            cause: err,
+          },
+        );
   } finally {
     client?.destroy();
     server?.close();
@@ -132,7 +137,10 @@ export interface FdMigrationResult {
  * that QEMU says `completed`, then `cont` if the guest was running. A building block for tests and
  * benchmarks; tlc's checkpoint drives the same steps with its own receiver.
  */
-export async function migrateToFd(monitor: LibvirtMonitor, opts: FdMigrationOptions): Promise<FdMigrationResult> {
+export async function migrateToFd(
+  monitor: LibvirtMonitor,
+  opts: FdMigrationOptions,
+): Promise<FdMigrationResult> {
   const timeoutMs = opts.timeoutMs ?? 120_000;
   const stopFirst = opts.stop ?? true;
   const status = await monitor.execute('query-status');
@@ -143,7 +151,12 @@ export async function migrateToFd(monitor: LibvirtMonitor, opts: FdMigrationOpti
   const eof = new Promise<void>((resolve, reject) => {
     channel.readable.on('data', (chunk: Buffer) => {
       bytes += chunk.length;
-      opts.onData(chunk);
+      try {
+        opts.onData(chunk);
+      } catch (err) {
+        // The consumer refused the stream (a parse error): end the migration with its error.
+        channel.readable.destroy(err instanceof Error ? err : new Error(String(err)));
+      }
     });
     channel.readable.once('end', resolve);
     channel.readable.once('error', reject);
@@ -181,9 +194,12 @@ export async function migrateToFd(monitor: LibvirtMonitor, opts: FdMigrationOpti
   } finally {
     await channel.close();
     if (before['max-bandwidth'] !== undefined) {
-      await monitor.execute('migrate-set-parameters', { 'max-bandwidth': before['max-bandwidth'] }).catch(() => undefined);
+      await monitor
+        .execute('migrate-set-parameters', { 'max-bandwidth': before['max-bandwidth'] })
+        .catch(() => undefined);
     }
-    if (stoppedAt !== undefined && !resumed) await resumeAfterMigration(monitor, 10_000).catch(() => undefined);
+    if (stoppedAt !== undefined && !resumed)
+      await resumeAfterMigration(monitor, 10_000).catch(() => undefined);
   }
 }
 
@@ -194,7 +210,8 @@ async function settledMigration(monitor: LibvirtMonitor, timeoutMs: number): Pro
     const info = await monitor.execute('query-migrate');
     const s = info.status;
     if (s !== 'setup' && s !== 'active' && s !== 'device' && s !== 'pre-switchover') return info;
-    if (performance.now() > deadline) throw new QmpError('E_QMP_TIMEOUT', `Migration of ${monitor.path} did not settle`);
+    if (performance.now() > deadline)
+      throw new QmpError('E_QMP_TIMEOUT', `Migration of ${monitor.path} did not settle`);
     await sleep(10);
   }
 }
@@ -210,7 +227,8 @@ export async function resumeAfterMigration(monitor: LibvirtMonitor, timeoutMs: n
       await monitor.execute('cont');
       return;
     } catch (err) {
-      if (!(err instanceof QmpError) || err.code !== 'E_QMP_EXECUTE' || performance.now() > deadline) throw err;
+      if (!(err instanceof QmpError) || err.code !== 'E_QMP_EXECUTE' || performance.now() > deadline)
+        throw err;
       const s = await monitor.execute('query-status').catch(() => undefined);
       if (s?.running) return;
       await sleep(20);

@@ -1,6 +1,6 @@
 /** The baselines' common step: a plain QEMU migration, as a user would run it, with a time limit. */
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
 import { connectVm } from '../vm/manager.js';
 
 export interface QemuMigrationSpec {
@@ -28,7 +28,7 @@ export interface QemuMigrationResult {
 const STOCK_DOWNTIME_LIMIT_MS = 300;
 const POLL_MS = 20;
 
-async function resumeIfStopped(qmp: QmpClient): Promise<void> {
+async function resumeIfStopped(qmp: Monitor): Promise<void> {
   if ((await qmp.execute('query-status')).status !== 'running') await qmp.execute('cont');
 }
 

@@ -3,7 +3,8 @@ import path from 'node:path';
 import { errorText, isErrnoCode } from '../core/errors.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { PRIVATE_FILE_MODE } from '../core/paths.js';
-import { QmpClient } from '../qmp/client.js';
+import type { Monitor } from '../qmp/monitor.js';
+import { openMonitor } from '../vm/monitor-connect.js';
 import { type DiskLeftovers, removeLeftovers } from '../disk/capture.js';
 import type { CheckpointMode } from '../store/manifest.js';
 import { type ProcessIdentity, identify, isAlive } from '../vm/process.js';
@@ -26,6 +27,7 @@ export interface OwedRecord {
   owner: ProcessIdentity;
   qemu: ProcessIdentity;
   qmpSocket: string;
+  libvirt?: { domain: string; uri: string };
   /** Resume the guest: it was running when the checkpoint began. */
   resume: boolean;
   /** A background snapshot (`cow`) is waited for, never cancelled: that freezes the guest on 7.2. */
@@ -77,9 +79,9 @@ export async function settleOwed(vm: string): Promise<string | undefined> {
     clearOwed(vm);
     return undefined;
   }
-  let qmp: QmpClient;
+  let qmp: Monitor;
   try {
-    qmp = await QmpClient.connect(owed.qmpSocket, { timeoutMs: 5000 });
+    qmp = await openMonitor(owed);
   } catch (err) {
     return `VM ${vm} may be paused by an interrupted checkpoint, but its QMP socket does not answer (${errorText(err)}); run any tlc command again to retry`;
   }

@@ -110,6 +110,11 @@ export class CheckpointReceiver implements StreamSink {
     });
   }
 
+  /** Takes the stream from a connection made elsewhere (a descriptor handed to QEMU). */
+  consume(socket: net.Socket): void {
+    this.accept(socket);
+  }
+
   private accept(socket: net.Socket): void {
     this.server?.close();
     if (this.socket) {

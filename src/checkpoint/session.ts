@@ -24,6 +24,8 @@ import {
 } from './migration-settings.js';
 import { clearOwed, recordOwed, settleOwed } from './owed.js';
 import type { CheckpointReceiver } from './receiver.js';
+import type { LibvirtMonitor } from '../libvirt/monitor.js';
+import { type MigrationChannel, openMigrationChannel } from '../libvirt/stream-fd.js';
 
 /**
  * Everything one checkpoint holds: the QMP connection, the staging directory, the socket
@@ -46,6 +48,7 @@ export class CheckpointSession {
   /** Set once chosen: a background snapshot (`cow`) must never be cut off mid-stream. */
   mode: CheckpointMode | undefined;
   private guard_: ChildProcess | undefined;
+  private channel: MigrationChannel | undefined;
   private readonly aborted: Promise<never>;
 
   private constructor(
@@ -113,6 +116,22 @@ export class CheckpointSession {
     return this.stagingDir;
   }
 
+  /**
+   * Where QEMU sends the stream. tlc's own QEMUs connect to a private unix socket; a libvirt
+   * domain's QEMU runs as another user and cannot, so it gets a connected descriptor instead
+   * (`getfd` through libvirt, then `fd:NAME`), as libvirt itself does for `virsh save`.
+   */
+  async migrationTarget(receiver: CheckpointReceiver): Promise<string> {
+    if (this.record.libvirt) {
+      this.channel = await openMigrationChannel(this.qmp as LibvirtMonitor);
+      receiver.consume(this.channel.readable);
+      return this.channel.uri;
+    }
+    const socketPath = this.socketPath();
+    await receiver.listen(socketPath);
+    return `unix:${socketPath}`;
+  }
+
   /** A private directory for the migration socket (QEMU runs as us: no world access needed). */
   socketPath(): string {
     if (!this.socketDir) {
@@ -139,6 +158,7 @@ export class CheckpointSession {
     recordOwed(this.vmName, {
       qemu,
       qmpSocket: this.record.paths.qmpSocket,
+      ...(this.record.libvirt ? { libvirt: this.record.libvirt } : {}),
       resume: this.wasRunning,
       mode: this.mode ?? 'live',
       ...(disk ? { disk } : {}),
@@ -257,6 +277,7 @@ export class CheckpointSession {
       // already closed
     }
     if (this.socketDir) fs.rmSync(this.socketDir, { recursive: true, force: true });
+    void this.channel?.close().catch(() => undefined);
   }
 }
 

@@ -167,7 +167,6 @@ async function runCheckpoint(
     );
   }
   const staging = session.staging();
-  const socketPath = session.socketPath();
   let tcgFixup: { pages: number; ms: number } | undefined;
 
   // Disks are saved at the instant memory is: plan (and refuse what cannot be made consistent)
@@ -300,7 +299,7 @@ async function runCheckpoint(
   }
   let warmUpMs = 0;
   try {
-    await session.guard(receiver.listen(socketPath));
+    const migrateUri = await session.guard(session.migrationTarget(receiver));
     warmUpMs = await session.guard(
       receiver.warmUp(ramBlockOf(record.spec), record.spec.memMiB * 1024 * 1024),
     );
@@ -342,7 +341,7 @@ async function runCheckpoint(
       diskTiming.pauseMs = performance.now() - started;
     }
     session.throwIfInterrupted();
-    await qmp.execute('migrate', { uri: `unix:${socketPath}` });
+    await qmp.execute('migrate', { uri: migrateUri });
     session.migrating = true;
     const control = await session.guard(
       superviseMigration({

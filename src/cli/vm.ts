@@ -1,13 +1,14 @@
-import { modeSupport } from '../vm/memory-layout.js';
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Command } from 'commander';
-import { TlcError, errorText } from '../core/errors.js';
+import { TlcError, UsageError, errorText } from '../core/errors.js';
 import { parseAccel } from '../vm/accel.js';
 import { ConsoleTail } from '../vm/console.js';
+import { modeSupport } from '../vm/memory-layout.js';
 import {
   type ReadyCondition,
   type VmStatus,
+  attachLibvirt,
   attachVm,
   killVm,
   startVm,
@@ -142,12 +143,18 @@ export function registerVmCommands(program: Command): void {
     });
 
   vm.command('attach')
-    .description('adopt a QEMU that tlc did not start, by its QMP socket')
+    .description('adopt a QEMU that tlc did not start: by its QMP socket, or a libvirt domain by name')
     .requiredOption('--name <name>', 'name to give the VM in tlc')
-    .requiredOption('--qmp <path>', "the QEMU's QMP unix socket")
+    .option('--qmp <path>', "the QEMU's QMP unix socket")
+    .option('--libvirt <domain>', 'a libvirt domain (its monitor is reached through libvirt)')
+    .option('--connect <uri>', 'libvirt connection URI', 'qemu:///system')
     .option('--json', 'print the result as JSON')
-    .action(async (o: JsonFlag & { name: string; qmp: string }) => {
-      const record = await attachVm(o.name, o.qmp);
+    .action(async (o: JsonFlag & { name: string; qmp?: string; libvirt?: string; connect: string }) => {
+      if (Boolean(o.qmp) === Boolean(o.libvirt))
+        throw new UsageError('give exactly one of --qmp PATH or --libvirt DOMAIN');
+      const record = o.libvirt
+        ? await attachLibvirt(o.name, o.libvirt, o.connect)
+        : await attachVm(o.name, o.qmp as string);
       const status = await vmStatus(record);
       const modes = modeSupport(record.spec.accel, record.spec.memory, record.process);
       const ram = `RAM block ${record.spec.ramBlock ?? 'ram0'} (${record.spec.memory.kind})`;

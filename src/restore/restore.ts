@@ -18,6 +18,7 @@ import { isHeartbeatLine, qemuLogFile, type Log } from '../vm/manager.js';
 import { kill, waitExit } from '../vm/process.js';
 import { findQemu, listMachines } from '../vm/qemu.js';
 import { restoreDisks } from '../disk/restore-disks.js';
+import { restoreLibvirtDomain } from './libvirt-restore.js';
 import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm, vmDir } from '../vm/registry.js';
 import { type VmSpec, ramBlockOf, validateVmName } from '../vm/spec.js';
 import { assertCompatible } from './compat.js';
@@ -88,6 +89,21 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   // Always this host's QEMU: a checkpoint is data and never names the program that runs it.
   const qemu = await findQemu();
   assertCompatible(m, qemu, await listMachines(qemu.binary));
+  if (m.vm.libvirt) {
+    const r = await restoreLibvirtDomain(ckpt, {
+      ...(opts.name ? { name: opts.name } : {}),
+      trustCheckpointArgs: Boolean(opts.trustCheckpointArgs),
+      log,
+      timeoutMs: opts.timeoutMs ?? 120_000,
+    });
+    return {
+      record: r.record,
+      checkpoint: ckpt,
+      mode: 'eager',
+      timeToRunningMs: r.timeToRunningMs,
+      stream: r.stream,
+    };
+  }
   const name = validateVmName(opts.name ?? m.vm.name);
   claimVmName(name);
 

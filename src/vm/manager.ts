@@ -19,6 +19,10 @@ import { ConsoleTail } from './console.js';
 import { deathCheck, launchQemu } from './launch.js';
 import { identify, isAlive, kill, readCmdline, terminate, waitExit } from './process.js';
 import { memoryLayout } from './memory-layout.js';
+import { type MonitorAddress, openMonitor } from './monitor-connect.js';
+import { LibvirtMonitor } from '../libvirt/monitor.js';
+import { virsh } from '../libvirt/virsh.js';
+import type { Monitor } from '../qmp/monitor.js';
 import { findQemu, resolveMachine } from './qemu.js';
 import { qemuImgBinary } from './qemu-img.js';
 import { type VmRecord, claimVmName, loadVm, runtimePaths, saveVm, vmDir, vmState } from './registry.js';
@@ -388,6 +392,69 @@ export async function attachVm(name: string, qmpSocket: string): Promise<VmRecor
   }
 }
 
+/** How to reach a VM's monitor. */
+export function monitorAddress(record: VmRecord): MonitorAddress {
+  return { qmpSocket: record.paths.qmpSocket, ...(record.libvirt ? { libvirt: record.libvirt } : {}) };
+}
+
+/**
+ * Adopts a libvirt domain by name. libvirt owns its QMP monitor, so tlc goes through libvirt's
+ * monitor passthrough (libvirt then marks the domain tainted, "custom monitor"), and records the
+ * domain's migratable XML so a restore can bring it back under libvirt.
+ */
+export async function attachLibvirt(name: string, domain: string, uri: string): Promise<VmRecord> {
+  validateVmName(name);
+  const qmp = await LibvirtMonitor.connect(domain, { uri, timeoutMs: 10_000 });
+  try {
+    const pidText = fs.readFileSync(path.join(libvirtRunDir(uri), `${domain}.pid`), 'utf8').trim();
+    const id = identify(Number(pidText));
+    if (!id) throw new VmError('E_VM_START', `Cannot find the QEMU process of libvirt domain ${domain}`);
+    const version = await qmp.execute('query-version');
+    const machines = await qmp.execute('query-machines');
+    const kvm = await qmp.execute('query-kvm');
+    const layout = await memoryLayout(qmp);
+    const xml = await virsh(['dumpxml', '--migratable', domain], { uri });
+    const argv = readCmdline(id.pid);
+    claimVmName(name);
+    const spec: VmSpec = {
+      specVersion: 1,
+      name,
+      qemu: {
+        binary: fs.readlinkSync(`/proc/${id.pid}/exe`),
+        version: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
+      },
+      machine: machineFromArgv(argv, machines),
+      accel: kvm.enabled ? 'kvm' : 'tcg',
+      memMiB: layout.memMiB,
+      cpus: Number(/<vcpu[^>]*>(\d+)</.exec(xml)?.[1] ?? 1),
+      memory: layout.memory,
+      ...(layout.ramBlock !== RAM_BACKEND_ID ? { ramBlock: layout.ramBlock } : {}),
+      extraArgs: [],
+      libvirt: { domain, uri, xml },
+    };
+    const consoleLog = /<serial type=["']file["']>\s*<source path=["']([^"']+)["']/.exec(xml)?.[1] ?? '';
+    const record: VmRecord = {
+      spec,
+      paths: { ...runtimePaths(name), qmpSocket: '', consoleLog },
+      process: id,
+      startedAt: new Date().toISOString(),
+      adopted: true,
+      libvirt: { domain, uri },
+    };
+    saveVm(record);
+    return record;
+  } finally {
+    qmp.close();
+  }
+}
+
+/** libvirt's run directory for a connection: where it keeps each domain's QEMU pid file. */
+function libvirtRunDir(uri: string): string {
+  return uri.endsWith('/session')
+    ? path.join(process.env.XDG_RUNTIME_DIR ?? '/run/user', 'libvirt', 'qemu', 'run')
+    : '/run/libvirt/qemu';
+}
+
 function argvValue(argv: string[], flag: string): string | undefined {
   const i = argv.findIndex((a) => a === flag || a === `-${flag}`);
   return i >= 0 ? argv[i + 1] : undefined;
@@ -501,7 +568,7 @@ export async function vmStatus(record: VmRecord): Promise<VmStatus> {
   if (state === 'running' && record.process) {
     status.pid = record.process.pid;
     try {
-      const qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 2000 });
+      const qmp = await openMonitor(monitorAddress(record), 2000);
       try {
         status.runState = (await qmp.execute('query-status', undefined, { timeoutMs: 2000 })).status;
       } finally {
@@ -515,10 +582,13 @@ export async function vmStatus(record: VmRecord): Promise<VmStatus> {
 }
 
 /** Connects to a running VM's QMP socket. */
-export async function connectVm(name: string): Promise<{ record: VmRecord; qmp: QmpClient }> {
+export async function connectVm(name: string): Promise<{ record: VmRecord; qmp: Monitor }> {
   const record = loadVm(name);
   if (vmState(record) !== 'running') throw new VmError('E_VM_NOT_FOUND', `VM "${name}" is not running`);
-  const qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 5000 });
+  const qmp = await openMonitor({
+    qmpSocket: record.paths.qmpSocket,
+    ...(record.libvirt ? { libvirt: record.libvirt } : {}),
+  });
   return { record, qmp };
 }
 
@@ -532,7 +602,7 @@ export async function stopVm(name: string, opts: { force?: boolean } = {}): Prom
   if (!id || !isAlive(id)) return { wasRunning: false };
   if (!opts.force) {
     try {
-      const qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 2000 });
+      const qmp = await openMonitor(monitorAddress(record), 2000);
       await qmp.execute('quit', undefined, { timeoutMs: 2000 }).catch(() => undefined);
       qmp.close();
     } catch {

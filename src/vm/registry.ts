@@ -16,6 +16,8 @@ export interface VmRecord {
   adopted: boolean;
   /** Checkpoint this VM was restored from, if any. */
   restoredFrom?: string;
+  /** A libvirt domain: its monitor is reached through libvirt (`qmpSocket` is then empty). */
+  libvirt?: { domain: string; uri: string };
 }
 
 export type VmState = 'running' | 'stopped';

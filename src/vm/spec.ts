@@ -64,6 +64,11 @@ export interface VmSpec {
   disks?: VmDisk[];
   /** Arguments appended verbatim (`--qemu-arg`: devices, network, ...). */
   extraArgs: string[];
+  /**
+   * A libvirt domain: its name, connection URI and `virsh dumpxml --migratable` XML. A restore
+   * brings it back with `virsh restore` from a save image built from the checkpoint.
+   */
+  libvirt?: { domain: string; uri: string; xml: string };
   /** For a QEMU tlc adopted: its original command line, from /proc/<pid>/cmdline. */
   adoptedArgv?: string[];
 }

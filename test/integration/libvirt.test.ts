@@ -303,3 +303,133 @@ describe('libvirt 9.0: daemons, domain, QMP passthrough, fd migration, save imag
     assert.equal(await domainState(name, { uri: URI }), 'shut off');
   });
 });
+
+describe(
+  'tlc with a libvirt domain: attach, live and stop checkpoints, restore under libvirt',
+  { skip },
+  () => {
+    const name = `tlc-lv-${process.pid}`;
+    const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-libvirt-tlc-'));
+    const stageDir = path.join(LIBVIRT_IMAGES_DIR, name);
+    const consoleLog = path.join(base, 'console.log');
+    const env = {
+      ...process.env,
+      TLC_HOME: path.join(base, 'home'),
+      TLC_STORE: path.join(base, 'store'),
+      XDG_CONFIG_HOME: path.join(base, 'config'),
+    };
+    let daemons: LibvirtDaemons | undefined;
+
+    async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+      const { execFile } = await import('node:child_process');
+      return new Promise((resolve) => {
+        execFile(
+          process.execPath,
+          [path.join(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js'), ...args],
+          { env, timeout: 180_000 },
+          (err, stdout, stderr) =>
+            resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+        );
+      });
+    }
+
+    async function migrationConfig(): Promise<unknown> {
+      const m = await LibvirtMonitor.connect(name, { uri: URI, timeoutMs: 10_000 });
+      try {
+        return {
+          capabilities: await m.execute('query-migrate-capabilities'),
+          parameters: await m.execute('query-migrate-parameters'),
+        };
+      } finally {
+        m.close();
+      }
+    }
+
+    before(async () => {
+      daemons = await startLibvirtDaemons({
+        uri: URI,
+        logDir: path.join(base, 'daemons'),
+        timeoutMs: 60_000,
+      });
+      const guest = await stageGuestFiles(await buildGuest({ cacheDir: defaultGuestCacheDir() }), stageDir);
+      // memfd RAM: tlc can read it, which a live checkpoint needs on TCG (the fix-up).
+      const xml = guestDomainXml({
+        name,
+        memMiB: MEM_MIB,
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        cmdline: guestAppendLine(WORKLOAD),
+        consoleLog,
+        memfd: true,
+      });
+      fs.writeFileSync(path.join(base, 'domain.xml'), xml);
+      await virsh(['define', path.join(base, 'domain.xml')], { uri: URI, timeoutMs: 120_000 });
+      await virsh(['start', name], { uri: URI, timeoutMs: 60_000 });
+      await waitFor('three heartbeats', 30_000, () => (lastHeartbeatSeq(consoleLog) ?? 0) >= 3);
+    });
+
+    after(async () => {
+      await runVirsh(['destroy', name], { uri: URI }).catch(() => undefined);
+      await runVirsh(['undefine', name], { uri: URI }).catch(() => undefined);
+      await daemons?.stop();
+      fs.rmSync(stageDir, { recursive: true, force: true });
+      fs.rmSync(`/var/log/libvirt/qemu/${name}.log`, { force: true });
+      fs.rmSync(base, { recursive: true, force: true });
+    });
+
+    it('attaches by domain name, checkpoints live and stop leaving QEMU as found, and restores after virsh destroy', async () => {
+      const attach = await cli([
+        'vm',
+        'attach',
+        '--name',
+        'lv',
+        '--libvirt',
+        name,
+        '--connect',
+        URI,
+        '--json',
+      ]);
+      assert.equal(attach.code, 0, attach.stderr);
+      const info = JSON.parse(attach.stdout) as { modes: Record<string, { ok: boolean; why: string }> };
+      assert.ok(info.modes.live?.ok, info.modes.live?.why);
+      assert.ok(info.modes.stop?.ok);
+      if (!info.modes.cow?.ok) assert.match(info.modes.cow?.why ?? '', /vm\.unprivileged_userfaultfd/);
+
+      const configBefore = await migrationConfig();
+      const ids: string[] = [];
+      for (const mode of ['stop', 'live']) {
+        const r = await cli(['checkpoint', 'lv', '--mode', mode]);
+        assert.equal(r.code, 0, r.stderr);
+        ids.push(r.stdout.trim().split('\n').at(-1) as string);
+        assert.deepEqual(
+          await migrationConfig(),
+          configBefore,
+          `${mode}: QEMU's migration settings as found`,
+        );
+        assert.equal(await domainState(name, { uri: URI }), 'running');
+      }
+      const show = JSON.parse((await cli(['show', ids[1] as string, '--json'])).stdout) as {
+        guestHeartbeatSeqBefore?: number;
+      };
+
+      await virsh(['destroy', name], { uri: URI });
+      const offset = fs.statSync(consoleLog).size;
+      const restored = await cli(['restore', ids[1] as string, '--json']);
+      assert.equal(restored.code, 0, restored.stderr);
+      assert.equal(await domainState(name, { uri: URI }), 'running', 'back under libvirt');
+      await waitFor(
+        'five heartbeats from the restored guest',
+        20_000,
+        () => scanConsole(consoleText(consoleLog, offset)).heartbeats.length >= 5,
+      );
+      const scan = scanConsole(consoleText(consoleLog, offset));
+      assert.deepEqual(continuationProblems(scan, show.guestHeartbeatSeqBefore), []);
+      // libvirt's own monitor still works on the restored domain.
+      const again = await LibvirtMonitor.connect(name, { uri: URI, timeoutMs: 10_000 });
+      assert.equal((await again.execute('query-status')).status, 'running');
+      again.close();
+      const status = await cli(['vm', 'status', 'lv']);
+      assert.equal(status.code, 0, status.stderr);
+    });
+  },
+);

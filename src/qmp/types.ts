@@ -123,10 +123,17 @@ export interface QmpCommands {
   'block-dirty-bitmap-remove': [{ node: string; name: string }, Record<string, never>];
   'block-job-set-speed': [{ device: string; speed: number }, Record<string, never>];
   'block-job-cancel': [{ device: string; force?: boolean }, Record<string, never>];
-  'query-block-jobs': [undefined, { device: string; type: string; status?: string; len: number; offset: number }[]];
+  'query-block-jobs': [
+    undefined,
+    { device: string; type: string; status?: string; len: number; offset: number }[],
+  ];
   'query-block': [
     undefined,
-    { device: string; qdev?: string; inserted?: { 'node-name': string; ro: boolean; file: string; drv: string } }[],
+    {
+      device: string;
+      qdev?: string;
+      inserted?: { 'node-name': string; ro: boolean; file: string; drv: string };
+    }[],
   ];
   'query-named-block-nodes': [
     { flat?: boolean } | undefined,

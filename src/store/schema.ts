@@ -145,7 +145,10 @@ export const vmSpecSchema = z
     disks: z.array(diskSchema).max(64).optional(),
     extraArgs: z.array(text()).max(MAX_ARGS),
     adoptedArgv: z.array(text()).max(MAX_ARGS).optional(),
-    ramBlock: z.string().regex(/^[A-Za-z][A-Za-z0-9_.-]{0,63}$/, 'must be a QEMU object id').optional(),
+    ramBlock: z
+      .string()
+      .regex(/^[A-Za-z][A-Za-z0-9_.-]{0,63}$/, 'must be a QEMU object id')
+      .optional(),
     libvirt: z
       .object({ domain: nonEmptyText(255), uri: nonEmptyText(255), xml: z.string().max(4 * 2 ** 20) })
       .optional(),

@@ -49,6 +49,8 @@ export class CheckpointSession {
   mode: CheckpointMode | undefined;
   private guard_: ChildProcess | undefined;
   private channel: MigrationChannel | undefined;
+  /** Descriptor sets handed to QEMU; removed when the checkpoint ends. */
+  private readonly fdsets: number[] = [];
   private readonly aborted: Promise<never>;
 
   private constructor(
@@ -130,6 +132,23 @@ export class CheckpointSession {
     const socketPath = this.socketPath();
     await receiver.listen(socketPath);
     return `unix:${socketPath}`;
+  }
+
+  /**
+   * Hands QEMU an open descriptor of one of tlc's private files (`add-fd` through libvirt) and
+   * returns the name QEMU opens it by: a libvirt domain's QEMU runs as another user.
+   */
+  async passFile(file: string): Promise<string> {
+    const fd = fs.openSync(file, 'r+');
+    try {
+      const reply = (await (this.qmp as LibvirtMonitor).executeRaw('add-fd', {}, { fds: [fd] })) as {
+        'fdset-id': number;
+      };
+      this.fdsets.push(reply['fdset-id']);
+      return `/dev/fdset/${reply['fdset-id']}`;
+    } finally {
+      fs.closeSync(fd);
+    }
   }
 
   /** A private directory for the migration socket (QEMU runs as us: no world access needed). */
@@ -258,6 +277,12 @@ export class CheckpointSession {
     // Node stops reading a socket it hands to a child as stdio; tlc still reads it until it dies.
     socket.resume();
     this.guard_ = child;
+  }
+
+  /** Removes the descriptor sets handed to QEMU (their nodes are closed by then). */
+  async releaseFiles(): Promise<void> {
+    for (const id of this.fdsets.splice(0))
+      await (this.qmp as LibvirtMonitor).executeRaw('remove-fd', { 'fdset-id': id }).catch(() => undefined);
   }
 
   dispose(): void {

@@ -111,6 +111,7 @@ export async function takeCheckpoint(opts: CheckpointOptions): Promise<StoredChe
     }
     throw new CheckpointError(`Checkpoint of "${opts.vm}" failed: ${errorText(err)}${what}`, { cause: err });
   } finally {
+    await session.releaseFiles().catch(() => undefined);
     session.dispose();
   }
 }
@@ -177,6 +178,7 @@ async function runCheckpoint(
     checkpointId: id,
     previous: session.store.list().filter((c) => c.manifest.vm.name === record.spec.name),
     allowInconsistent: Boolean(opts.allowInconsistentDisks),
+    ...(record.libvirt ? { openTarget: (file: string) => session.passFile(file) } : {}),
   });
   session.disks = disks;
   await session.owe(disks.active ? disks.leftovers(2) : undefined);

@@ -19,6 +19,9 @@ export interface DiskLeftovers {
   bitmaps: { node: string; name: string }[];
 }
 
+/** Makes a target file openable by QEMU and returns the name QEMU opens it by. */
+export type TargetOpener = (file: string) => Promise<string>;
+
 interface Capturable {
   index: number;
   disk: VmDisk;
@@ -63,6 +66,7 @@ export class DiskCapture {
     private readonly checkpointId: string,
     private readonly disks: Capturable[],
     private readonly skipped: ManifestDisk[],
+    private readonly openTarget: TargetOpener | undefined,
   ) {}
 
   /**
@@ -75,6 +79,8 @@ export class DiskCapture {
     checkpointId: string;
     previous: StoredCheckpoint[];
     allowInconsistent: boolean;
+    /** For a QEMU that cannot open tlc's private files (libvirt's): hands it an open descriptor. */
+    openTarget?: TargetOpener;
   }): Promise<DiskCapture> {
     const { qmp, spec } = opts;
     const nodes = await qmp.execute('query-named-block-nodes', { flat: true });
@@ -82,7 +88,7 @@ export class DiskCapture {
     const devices = await qmp.execute('query-block');
     // An adopted QEMU's disks are whatever it has now, found over QMP (node names such as
     // `#block123` are QEMU's and last as long as the process).
-    const managed = spec.adoptedArgv ? discoverDisks(devices, byName) : (spec.disks ?? []);
+    const managed = spec.adoptedArgv || spec.libvirt ? discoverDisks(devices, byName) : (spec.disks ?? []);
     const known = new Set(managed.map((d) => d.node));
     const skipped: ManifestDisk[] = [];
     for (const dev of devices) {
@@ -128,11 +134,11 @@ export class DiskCapture {
         index,
         disk,
         virtualSize,
-        adopted: Boolean(spec.adoptedArgv),
+        adopted: Boolean(spec.adoptedArgv || spec.libvirt),
         ...(parent ? { parent } : {}),
       });
     }
-    return new DiskCapture(qmp, opts.checkpointId, disks, skipped);
+    return new DiskCapture(qmp, opts.checkpointId, disks, skipped, opts.openTarget);
   }
 
   /** Whether any disk is captured (the modes then add their disk step). */
@@ -195,10 +201,11 @@ export class DiskCapture {
           : undefined;
       await createQcow2(full, c.virtualSize, backing);
       const node = this.targetNode(c, layer);
+      const filename = this.openTarget ? await this.openTarget(full) : full;
       await this.qmp.execute('blockdev-add', {
         driver: 'qcow2',
         'node-name': node,
-        file: { driver: 'file', filename: full },
+        file: { driver: 'file', filename },
         // The backup writes every cluster it copies; the layers below are never opened here.
         backing: null,
         'detect-zeroes': 'unmap',

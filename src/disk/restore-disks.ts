@@ -33,17 +33,18 @@ export async function restoreDisks(opts: {
 }): Promise<RestoredDisk[]> {
   const { ckpt, log } = opts;
   // An adopted VM's disks are the ones its checkpoint found over QMP, known by image path.
-  const wanted: (VmDisk & { original?: string })[] = ckpt.manifest.vm.adoptedArgv
-    ? (ckpt.manifest.disks ?? [])
-        .filter((d) => d.captured && d.path)
-        .map((d) => ({
-          path: d.path as string,
-          format: d.format,
-          node: d.node,
-          device: d.device,
-          original: d.path as string,
-        }))
-    : (ckpt.manifest.vm.disks ?? []);
+  const wanted: (VmDisk & { original?: string })[] =
+    ckpt.manifest.vm.adoptedArgv || ckpt.manifest.vm.libvirt
+      ? (ckpt.manifest.disks ?? [])
+          .filter((d) => d.captured && d.path)
+          .map((d) => ({
+            path: d.path as string,
+            format: d.format,
+            node: d.node,
+            device: d.device,
+            original: d.path as string,
+          }))
+      : (ckpt.manifest.vm.disks ?? []);
   if (wanted.length === 0) return [];
   fs.mkdirSync(opts.targetDir, { recursive: true, mode: PRIVATE_DIR_MODE });
   const stamp = new Date().toISOString().replace(/[-:.]/g, '').replace('T', '-').slice(0, 18);

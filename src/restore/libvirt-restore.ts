@@ -6,7 +6,9 @@ import { RestoreError, TlcError, VmError } from '../core/errors.js';
 import { PRIVATE_DIR_MODE } from '../core/paths.js';
 import { SaveImageWriter } from '../libvirt/save-image.js';
 import { domainState, virsh } from '../libvirt/virsh.js';
-import type { StoredCheckpoint } from '../store/store.js';
+import { restoreDisks } from '../disk/restore-disks.js';
+import type { CheckpointStore, StoredCheckpoint } from '../store/store.js';
+import { qemuImg } from '../vm/qemu-img.js';
 import type { Log } from '../vm/manager.js';
 import { identify } from '../vm/process.js';
 import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm } from '../vm/registry.js';
@@ -28,7 +30,16 @@ export interface LibvirtRestored {
  */
 export async function restoreLibvirtDomain(
   ckpt: StoredCheckpoint,
-  opts: { name?: string; trustCheckpointArgs: boolean; log: Log; timeoutMs: number },
+  opts: {
+    name?: string;
+    trustCheckpointArgs: boolean;
+    log: Log;
+    timeoutMs: number;
+    store: CheckpointStore;
+    verifyParent: (parent: StoredCheckpoint) => void;
+    /** Where the restored domain's disks go (default /var/lib/libvirt/images/tlc-restore). */
+    diskTarget?: string;
+  },
 ): Promise<LibvirtRestored> {
   const m = ckpt.manifest;
   const saved = m.vm.libvirt;
@@ -42,7 +53,7 @@ export async function restoreLibvirtDomain(
         'check it with tlc show --json and pass --trust-checkpoint-args to let libvirt run it',
     );
   }
-  const xml = local?.xml ?? saved.xml;
+  let xml = local?.xml ?? saved.xml;
   const { domain, uri } = local ?? saved;
   if (!opts.trustCheckpointArgs && local && local.domain !== saved.domain) {
     throw new RestoreError(
@@ -62,6 +73,7 @@ export async function restoreLibvirtDomain(
   fs.chmodSync(dir, PRIVATE_DIR_MODE);
   const image = path.join(dir, `${domain}.save`);
   try {
+    xml = await restoredDisks(ckpt, xml, dir, { ...opts, vmName: name });
     const writer = await SaveImageWriter.create(image, { xml, wasRunning: m.vmWasRunning });
     const stats = await synthesizeStream(ckpt, 'eager', (chunk) => writer.write(chunk));
     await writer.finish();
@@ -98,4 +110,70 @@ export async function restoreLibvirtDomain(
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * Gives the domain's captured disks their checkpoint content: the layer chain (checked by
+ * restoreDisks) is flattened into one new qcow2 per disk where libvirt's QEMU may open it, and the
+ * domain XML is pointed at it. A flat copy, because libvirt's QEMU runs as another user and
+ * cannot read backing files inside tlc's private store (and libvirt would relabel them).
+ */
+async function restoredDisks(
+  ckpt: StoredCheckpoint,
+  xml: string,
+  scratch: string,
+  opts: {
+    store: CheckpointStore;
+    vmName: string;
+    log: Log;
+    verifyParent: (p: StoredCheckpoint) => void;
+    diskTarget?: string;
+  },
+): Promise<string> {
+  const overlays = await restoreDisks({
+    ckpt,
+    store: opts.store,
+    targetDir: scratch,
+    vmName: opts.vmName,
+    log: () => undefined,
+    verifyParent: opts.verifyParent,
+  });
+  const captured = ckpt.manifest.disks?.filter((d) => d.captured) ?? [];
+  if (captured.some((d) => !d.path)) {
+    // Never start the domain on its live image with RAM from another time.
+    throw new RestoreError(
+      'E_RESTORE',
+      `${ckpt.id} has a captured disk without its image path; cannot restore it under libvirt`,
+    );
+  }
+  const target = opts.diskTarget ?? '/var/lib/libvirt/images/tlc-restore';
+  fs.mkdirSync(target, { recursive: true });
+  // libvirt's QEMU (another user) must reach the image; libvirt itself chowns the file.
+  fs.chmodSync(target, 0o711);
+  const stamp = new Date().toISOString().replace(/[-:.]/g, '').replace('T', '-').slice(0, 18);
+  for (const [i, d] of overlays.entries()) {
+    if (!d.original) continue;
+    const flat = path.join(target, `${opts.vmName}-disk${i}-${stamp}.qcow2`);
+    await qemuImg(['convert', '-q', '-O', 'qcow2', d.disk.path, flat], `copy disk ${d.original}`);
+    fs.chmodSync(flat, 0o600);
+    const next = replaceDiskSource(xml, d.original, flat);
+    if (next === xml)
+      throw new RestoreError('E_RESTORE', `the domain XML has no disk with source ${d.original}`);
+    xml = next;
+    opts.log(`disk ${d.original}: restored into ${flat}`);
+  }
+  return xml;
+}
+
+/** Points the `<disk>` whose source is `from` at the qcow2 image `to`. */
+export function replaceDiskSource(xml: string, from: string, to: string): string {
+  const esc = (s: string): string =>
+    s.replace(/&/g, '&amp;').replace(/'/g, '&apos;').replace(/"/g, '&quot;').replace(/</g, '&lt;');
+  return xml.replace(/<disk\b[\s\S]*?<\/disk>/g, (block) => {
+    if (!block.includes(`file='${esc(from)}'`) && !block.includes(`file="${esc(from)}"`)) return block;
+    return block
+      .replace(/<backingStore\b[^/>]*>[\s\S]*?<\/backingStore>/g, '<backingStore/>')
+      .replace(/file=(['"])[^'"]*\1/, `file='${esc(to)}'`)
+      .replace(/(<driver\b[^>]*\btype=)(['"])[^'"]*\2/, "$1'qcow2'");
+  });
 }

@@ -95,6 +95,15 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
       trustCheckpointArgs: Boolean(opts.trustCheckpointArgs),
       log,
       timeoutMs: opts.timeoutMs ?? 120_000,
+      store,
+      verifyParent: (parent) =>
+        assertVerified(
+          verifyCheckpoint(parent, Boolean(opts.verify), {
+            ...(signing ? { key: signing.key } : {}),
+            allowUnsigned: Boolean(opts.allowUnsigned),
+          }),
+        ),
+      ...(opts.diskTarget ? { diskTarget: path.resolve(opts.diskTarget) } : {}),
     });
     return {
       record: r.record,

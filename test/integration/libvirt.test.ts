@@ -27,6 +27,7 @@ import { migrateToFd } from '../../src/libvirt/stream-fd.js';
 import { domainInfo, domainState, runVirsh, virsh } from '../../src/libvirt/virsh.js';
 import { MigrationStreamReader, type DeviceStateInfo, type StreamSink } from '../../src/stream/reader.js';
 import { lastHeartbeatSeq } from '../../src/vm/console.js';
+import { ext4Qcow2 } from './harness.js';
 
 const URI = 'qemu:///system';
 const MEM_MIB = 128;
@@ -433,3 +434,113 @@ describe(
     });
   },
 );
+
+describe('tlc with a libvirt domain on a qcow2 disk', { skip }, () => {
+  const name = `tlc-lvd-${process.pid}`;
+  const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-libvirt-disk-'));
+  const stageDir = path.join(LIBVIRT_IMAGES_DIR, name);
+  const consoleLog = path.join(base, 'console.log');
+  const env = {
+    ...process.env,
+    TLC_HOME: path.join(base, 'home'),
+    TLC_STORE: path.join(base, 'store'),
+    XDG_CONFIG_HOME: path.join(base, 'config'),
+  };
+  let daemons: LibvirtDaemons | undefined;
+  let restoredDisk = '';
+
+  async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+    const { execFile } = await import('node:child_process');
+    return new Promise((resolve) => {
+      execFile(
+        process.execPath,
+        [path.join(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js'), ...args],
+        { env, timeout: 180_000 },
+        (err, stdout, stderr) =>
+          resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+      );
+    });
+  }
+
+  const synced = (from = 0): number[] =>
+    scanConsole(consoleText(consoleLog, from))
+      .heartbeats.filter((h) => h.kind === 'diskverify')
+      .map((h) => h.seq);
+
+  before(async () => {
+    daemons = await startLibvirtDaemons({ uri: URI, logDir: path.join(base, 'daemons'), timeoutMs: 60_000 });
+    const guest = await stageGuestFiles(await buildGuest({ cacheDir: defaultGuestCacheDir() }), stageDir);
+    const image = path.join(stageDir, 'root.qcow2');
+    await ext4Qcow2(image, 48);
+    const xml = guestDomainXml({
+      name,
+      memMiB: 160,
+      kernel: guest.kernel,
+      initrd: guest.initrd,
+      cmdline: guestAppendLine('diskverify:0+memverify:16'),
+      consoleLog,
+      memfd: true,
+    }).replace(
+      '</devices>',
+      `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${image}'/><target dev='vda' bus='virtio'/></disk>\n</devices>`,
+    );
+    fs.writeFileSync(path.join(base, 'domain.xml'), xml);
+    await virsh(['define', path.join(base, 'domain.xml')], { uri: URI, timeoutMs: 120_000 });
+    await virsh(['start', name], { uri: URI, timeoutMs: 60_000 });
+    await waitFor('six synced batches', 60_000, () => (synced().at(-1) ?? 0) >= 48);
+  });
+
+  after(async () => {
+    await runVirsh(['destroy', name], { uri: URI }).catch(() => undefined);
+    await runVirsh(['undefine', name], { uri: URI }).catch(() => undefined);
+    await daemons?.stop();
+    fs.rmSync(stageDir, { recursive: true, force: true });
+    if (restoredDisk) fs.rmSync(restoredDisk, { force: true });
+    fs.rmSync(`/var/log/libvirt/qemu/${name}.log`, { force: true });
+    fs.rmSync(base, { recursive: true, force: true });
+  });
+
+  it('saves the disk with memory through libvirt and restores both under libvirt', async () => {
+    const attach = await cli(['vm', 'attach', '--name', 'lvd', '--libvirt', name, '--connect', URI]);
+    assert.equal(attach.code, 0, attach.stderr);
+    const ck = await cli(['checkpoint', 'lvd', '--mode', 'live', '--json']);
+    assert.equal(ck.code, 0, ck.stderr);
+    const manifest = JSON.parse(ck.stdout) as { id: string; disks?: { captured: boolean; path?: string }[] };
+    assert.ok(manifest.disks?.[0]?.captured, 'the domain disk is captured');
+    const target = (synced().at(-1) ?? 0) + 40;
+    await waitFor('the original writes on', 30_000, () => (synced().at(-1) ?? 0) >= target);
+    const reached = synced().at(-1) ?? 0;
+    await virsh(['destroy', name], { uri: URI });
+
+    const offset = fs.statSync(consoleLog).size;
+    const restored = await cli(['restore', manifest.id]);
+    assert.equal(restored.code, 0, restored.stderr);
+    restoredDisk = /restored into (\S+\.qcow2)/.exec(restored.stderr)?.[1] ?? '';
+    assert.ok(restoredDisk, restored.stderr);
+    assert.equal(await domainState(name, { uri: URI }), 'running');
+    await waitFor('synced records after the restore', 30_000, () => synced(offset).length >= 3);
+    const after = scanConsole(consoleText(consoleLog, offset));
+    assert.deepEqual(continuationProblems(after, undefined), []);
+    assert.ok(
+      (synced(offset)[0] ?? 0) < reached,
+      'the restored guest continues from the checkpoint, not from the original',
+    );
+    await virsh(['destroy', name], { uri: URI });
+
+    // Cold boot on the restored disk: every record verifies.
+    const cold = await cli([
+      'vm',
+      'start',
+      '--name',
+      'lvd-cold',
+      '--mem',
+      '128',
+      '--workload',
+      'diskverify:8',
+      '--disk',
+      restoredDisk,
+    ]);
+    assert.equal(cold.code, 0, cold.stderr);
+    await cli(['vm', 'stop', 'lvd-cold', '--force']);
+  });
+});

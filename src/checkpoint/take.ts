@@ -229,7 +229,15 @@ async function runCheckpoint(
         resumed = afterStream();
         resumed.catch(() => undefined);
       },
-      onConnection: (socket) => session.guardStream(socket),
+      onConnection: (socket) => {
+        session.guardStream(socket);
+        if (holdsAt('streaming')) {
+          // Crash tests hold here: QEMU is connected and streaming (and guarded, for cow), blocked
+          // on a socket tlc no longer reads. The MIGRATION event may come before the connection.
+          receiver.pauseReading();
+          void holdAt('streaming', opts.signal).catch(() => undefined);
+        }
+      },
     },
     { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024, neverCut: mode === 'cow' },
   );
@@ -240,11 +248,6 @@ async function runCheckpoint(
     if (ev.event === 'MIGRATION' && ev.data?.status === 'active' && !marks.active) {
       marks.active = { t: now(), bytes };
       stage(`setup: ${now().toFixed(0)} ms`);
-      if (holdsAt('streaming')) {
-        // Crash tests hold here: QEMU is mid-stream, blocked on a socket tlc no longer reads.
-        receiver.pauseReading();
-        void holdAt('streaming', opts.signal).catch(() => undefined);
-      }
     } else if (ev.event === 'MIGRATION' && ev.data?.status === 'pre-switchover' && !switchover) {
       // QEMU stopped the guest and waits: the disks' final copy happens at this very instant.
       switchover = (async () => {

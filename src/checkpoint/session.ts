@@ -225,6 +225,17 @@ export class CheckpointSession {
           done.push(`could not remove its disk copies from QEMU (${errorText(err)})`);
         }
       }
+      if (!this.wasRunning) {
+        // Leave it as found: a background snapshot may have started a guest its user had paused.
+        try {
+          if ((await this.qmp.execute('query-status')).running) {
+            await this.qmp.execute('stop');
+            done.push(`paused VM ${this.vmName} again, as it was`);
+          }
+        } catch (err) {
+          done.push(`could not pause VM ${this.vmName} again (${errorText(err)})`);
+        }
+      }
       if (this.wasRunning) {
         try {
           if (await resumeIfPaused(this.qmp)) done.push(`resumed VM ${this.vmName}`);

@@ -219,6 +219,16 @@ async function runCheckpoint(
     if (wasRunning && mode !== 'cow') {
       await resume(qmp);
       marks.resumed ??= { t: now() };
+    } else if (!wasRunning && mode !== 'cow') {
+      // A migration leaves a paused guest `postmigrate`, from which QEMU refuses any further
+      // migration (the next checkpoint, libvirt's own save): back to plain `paused`, which takes
+      // a `cont` and an immediate `stop` (the guest runs for that moment).
+      const started = performance.now();
+      await resume(qmp);
+      await qmp.execute('stop');
+      stage(
+        `VM was paused: restored from QEMU's postmigrate state to paused (ran ${(performance.now() - started).toFixed(1)} ms)`,
+      );
     }
   };
   const receiver = new CheckpointReceiver(
@@ -271,6 +281,10 @@ async function runCheckpoint(
     } else if (ev.event === 'STOP' && marks.stopTs === undefined) {
       marks.stopped ??= { t: now(), bytes };
       marks.stopTs = eventTime(ev);
+    } else if (ev.event === 'RESUME' && mode === 'cow' && !wasRunning) {
+      // QEMU 7.2's background snapshot starts the guest whatever its state was: a VM its user
+      // had paused is paused again at once (it ran for the moments in between).
+      void qmp.execute('stop').catch(() => undefined);
     } else if (ev.event === 'RESUME' && marks.stopTs !== undefined && marks.resumeTs === undefined) {
       marks.resumed ??= { t: now() };
       marks.resumeTs = eventTime(ev);

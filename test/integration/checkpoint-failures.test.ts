@@ -6,6 +6,7 @@ import { describe, it } from 'node:test';
 import { takeCheckpoint } from '../../src/checkpoint/take.js';
 import { TlcError } from '../../src/core/errors.js';
 import { continuationProblems, observeGuest } from '../../src/guest/observe.js';
+import { QmpClient } from '../../src/qmp/client.js';
 import { restoreCheckpoint } from '../../src/restore/restore.js';
 import { MANIFEST_FILE, sealManifest } from '../../src/store/manifest.js';
 import { loadSigningKey } from '../../src/store/sign.js';
@@ -154,6 +155,28 @@ describe('checkpoints under failure and bad input', () => {
     );
     assert.deepEqual(restored.record.spec.extraArgs, extraArgs);
     await stopVm('args', { force: true });
+  });
+
+  it('leaves a paused VM paused in every mode', async () => {
+    const { record } = await startVm({ name: 'paused', memMiB: 96, workload: 'memverify:16' });
+    const qmp = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 5000 });
+    await qmp.execute('stop');
+    qmp.close();
+    for (const mode of ['live', 'cow', 'stop'] as const) {
+      const ckpt = await takeCheckpoint({ vm: 'paused', mode, store });
+      assert.equal(ckpt.manifest.vmWasRunning, false);
+      const check = await QmpClient.connect(record.paths.qmpSocket, { timeoutMs: 5000 });
+      let status = (await check.execute('query-status')).status;
+      // cow: QEMU starts the guest itself; tlc pauses it again as soon as it hears of it.
+      for (let i = 0; i < 50 && status !== 'paused'; i++) {
+        await sleep(20);
+        status = (await check.execute('query-status')).status;
+      }
+      check.close();
+      // Plain `paused`, not QEMU's `postmigrate`, which would refuse the next checkpoint.
+      assert.equal(status, 'paused', `${mode}: still paused`);
+    }
+    await stopVm('paused', { force: true });
   });
 
   it('killing QEMU or tlc mid-checkpoint leaves earlier checkpoints intact and nothing partial listed', async () => {

@@ -95,6 +95,13 @@ export async function settleOwed(vm: string): Promise<string | undefined> {
       const removed = await removeLeftovers(qmp, owed.disk);
       if (removed.length > 0) done.push('removed its unfinished disk copies');
     }
+    if (owed.libvirt) {
+      // Descriptors it handed QEMU (disk copy targets) would keep deleted files open.
+      for (const set of await qmp.execute('query-fdsets')) {
+        if (set.fds.some((f) => f.opaque === fdsetTag(owed.checkpointId)))
+          await qmp.execute('remove-fd', { 'fdset-id': set['fdset-id'] }).catch(() => undefined);
+      }
+    }
     const status = await qmp.execute('query-status');
     await restoreMigrationSettings(qmp, owed.settings, owed.qemu.pid);
     done.push('put back its migration settings');
@@ -124,4 +131,9 @@ export async function settleAllOwed(records: VmRecord[] = listVms()): Promise<st
     if (line) lines.push(line);
   }
   return lines;
+}
+
+/** The `opaque` tag of descriptor sets a checkpoint hands to QEMU (libvirt domains). */
+export function fdsetTag(checkpointId: string): string {
+  return `tlc:${checkpointId}`;
 }

@@ -22,7 +22,7 @@ import {
   waitMigrationEnd,
   restoreMigrationSettings,
 } from './migration-settings.js';
-import { clearOwed, recordOwed, settleOwed } from './owed.js';
+import { clearOwed, fdsetTag, recordOwed, settleOwed } from './owed.js';
 import type { CheckpointReceiver } from './receiver.js';
 import type { LibvirtMonitor } from '../libvirt/monitor.js';
 import { type MigrationChannel, openMigrationChannel } from '../libvirt/stream-fd.js';
@@ -141,7 +141,12 @@ export class CheckpointSession {
   async passFile(file: string): Promise<string> {
     const fd = fs.openSync(file, 'r+');
     try {
-      const reply = (await (this.qmp as LibvirtMonitor).executeRaw('add-fd', {}, { fds: [fd] })) as {
+      // Tagged with the checkpoint, so a tlc killed later can have its descriptors removed.
+      const reply = (await (this.qmp as LibvirtMonitor).executeRaw(
+        'add-fd',
+        { opaque: fdsetTag(this.id) },
+        { fds: [fd] },
+      )) as {
         'fdset-id': number;
       };
       this.fdsets.push(reply['fdset-id']);

@@ -116,6 +116,8 @@ export interface QmpCommands {
   'migrate-incoming': [{ uri: string }, Record<string, never>];
   'calc-dirty-rate': [{ 'calc-time': number; 'sample-pages'?: number }, Record<string, never>];
   'query-dirty-rate': [undefined, { status: 'unstarted' | 'measuring' | 'measured'; 'dirty-rate'?: number }];
+  'query-fdsets': [undefined, { 'fdset-id': number; fds: { fd: number; opaque?: string }[] }[]];
+  'remove-fd': [{ 'fdset-id': number; fd?: number }, Record<string, never>];
   'migrate-continue': [{ state: 'pre-switchover' }, Record<string, never>];
   transaction: [{ actions: TransactionAction[] }, Record<string, never>];
   'blockdev-add': [Record<string, unknown>, Record<string, never>];

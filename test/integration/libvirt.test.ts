@@ -526,6 +526,54 @@ describe('tlc with a libvirt domain on a qcow2 disk', { skip }, () => {
   it('saves the disk with memory through libvirt and restores both under libvirt', async () => {
     const attach = await cli(['vm', 'attach', '--name', 'lvd', '--libvirt', name, '--connect', URI]);
     assert.equal(attach.code, 0, attach.stderr);
+
+    // tlc killed while copying the disk (a cow checkpoint held at its disk copy): the next tlc
+    // command removes the copy job, target node, bitmap and the descriptors handed to QEMU.
+    const sysctl = '/proc/sys/vm/unprivileged_userfaultfd';
+    const uffd = fs.readFileSync(sysctl, 'utf8').trim();
+    fs.writeFileSync(sysctl, '1');
+    try {
+      const { spawn } = await import('node:child_process');
+      const child = spawn(
+        process.execPath,
+        [
+          path.join(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js'),
+          'checkpoint',
+          'lvd',
+          '--mode',
+          'cow',
+        ],
+        { env: { ...env, TLC_TEST_HOLD_AT: 'disk-copy' }, stdio: ['ignore', 'ignore', 'pipe'] },
+      );
+      let err = '';
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      await waitFor('the disk copy', 60_000, () => /holding at disk-copy/.test(err));
+      child.kill('SIGKILL');
+      await new Promise((r) => child.once('exit', r));
+    } finally {
+      fs.writeFileSync(sysctl, uffd);
+    }
+    const settled = await cli(['vm', 'status', 'lvd']);
+    assert.match(settled.stderr, /removed its unfinished disk copies/);
+    const m = await LibvirtMonitor.connect(name, { uri: URI, timeoutMs: 10_000 });
+    try {
+      assert.deepEqual(await m.execute('query-block-jobs'), []);
+      const fdsets = (await m.executeRaw('query-fdsets')) as { fds: { opaque?: string }[] }[];
+      assert.ok(
+        !fdsets.some((set) => set.fds.some((f) => f.opaque?.startsWith('tlc:'))),
+        JSON.stringify(fdsets),
+      );
+      const nodes = await m.execute('query-named-block-nodes', { flat: true });
+      assert.ok(!nodes.some((n) => n['node-name'].startsWith('tlc-')), 'no target node left');
+      assert.deepEqual(
+        nodes.flatMap((n) => n['dirty-bitmaps'] ?? []),
+        [],
+        'no bitmap left',
+      );
+    } finally {
+      m.close();
+    }
+
     const ck = await cli(['checkpoint', 'lvd', '--mode', 'live', '--json']);
     assert.equal(ck.code, 0, ck.stderr);
     const manifest = JSON.parse(ck.stdout) as { id: string; disks?: { captured: boolean; path?: string }[] };

@@ -403,8 +403,9 @@ async function runCheckpoint(
     }
     await session.guard(holdAt('persist', opts.signal));
     const received = await session.guard(receiver.persist());
-    assertRestorable(record.spec, received.blocks, disks.describe(staging));
+    // Hashes every disk layer (after an fsync): once.
     const savedDisks = disks.describe(staging);
+    assertRestorable(record.spec, received.blocks, savedDisks);
     for (const d of savedDisks.filter((x) => !x.captured && !x.reason?.startsWith('read-only')))
       stage(`WARNING: disk ${d.device} NOT CAPTURED (${d.reason}); a restore reopens it as it is by then`);
     const manifest: Manifest = {

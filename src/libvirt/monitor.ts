@@ -17,7 +17,7 @@
  * monitor and follows STOP/RESUME, so `virsh domstate` stays right.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { EventEmitter, on } from 'node:events';
+import { QmpEventSource } from '../qmp/event-source.js';
 import type net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpError, errorText } from '../core/errors.js';
@@ -145,7 +145,7 @@ export function parseCommandReply(command: string, stdout: string): unknown {
 
 // ---------------------------------------------------------------------------------------------
 
-export class LibvirtMonitor extends EventEmitter {
+export class LibvirtMonitor extends QmpEventSource {
   /** The domain's name. */
   readonly domain: string;
   readonly uuid: string;
@@ -269,50 +269,6 @@ export class LibvirtMonitor extends EventEmitter {
     const result = this.queue.then(run, run);
     this.queue = result.catch(() => undefined);
     return result;
-  }
-
-  /** Events as an async iterator; ends when the monitor closes. */
-  async *events(signal?: AbortSignal): AsyncGenerator<QmpEvent> {
-    if (this.closed) return;
-    const ac = new AbortController();
-    const onClose = (): void => ac.abort();
-    this.once('close', onClose);
-    signal?.addEventListener('abort', onClose, { once: true });
-    try {
-      for await (const [event] of on(this, 'event', { signal: ac.signal })) yield event as QmpEvent;
-    } catch (err) {
-      if (!ac.signal.aborted) throw err;
-    } finally {
-      this.off('close', onClose);
-      signal?.removeEventListener('abort', onClose);
-    }
-  }
-
-  /** Resolves with the first event named `name` (optionally matching `match`), or rejects on timeout/close. */
-  waitEvent(name: string, timeoutMs: number, match?: (ev: QmpEvent) => boolean): Promise<QmpEvent> {
-    return new Promise((resolve, reject) => {
-      const onEvent = (ev: QmpEvent): void => {
-        if (ev.event !== name || (match && !match(ev))) return;
-        cleanup();
-        resolve(ev);
-      };
-      const onClose = (): void => {
-        cleanup();
-        reject(new QmpError('E_QMP_CLOSED', `QMP connection closed while waiting for ${name}`));
-      };
-      const timer = setTimeout(() => {
-        cleanup();
-        reject(new QmpError('E_QMP_TIMEOUT', `No ${name} event within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const cleanup = (): void => {
-        clearTimeout(timer);
-        this.off('event', onEvent);
-        this.off('close', onClose);
-      };
-      if (this.closed) return onClose();
-      this.on('event', onEvent);
-      this.on('close', onClose);
-    });
   }
 
   /** Kills the event child and every virsh still running for this monitor (by pid). */

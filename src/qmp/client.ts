@@ -1,4 +1,4 @@
-import { EventEmitter, on } from 'node:events';
+import { QmpEventSource } from './event-source.js';
 import net from 'node:net';
 import { QmpError, errorText } from '../core/errors.js';
 import type { QmpCommandName, QmpCommands, QmpEvent } from './types.js';
@@ -36,7 +36,7 @@ export interface QmpConnectOptions {
  * E_QMP_GREETING, during negotiation with E_QMP_NEGOTIATE, afterwards by rejecting every pending
  * and later call with E_QMP_CLOSED whose message names the violation.
  */
-export class QmpClient extends EventEmitter {
+export class QmpClient extends QmpEventSource {
   private readonly socket: net.Socket;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
@@ -238,51 +238,6 @@ export class QmpClient extends EventEmitter {
       this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject, timer });
       const msg = args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
       this.socket.write(JSON.stringify(msg) + '\n');
-    });
-  }
-
-  /** Events as an async iterator; ends when the connection closes. */
-  async *events(signal?: AbortSignal): AsyncGenerator<QmpEvent> {
-    // A generator body starts at the first next(): the connection may have closed by then.
-    if (this.closed) return;
-    const ac = new AbortController();
-    const onClose = (): void => ac.abort();
-    this.once('close', onClose);
-    signal?.addEventListener('abort', onClose, { once: true });
-    try {
-      for await (const [event] of on(this, 'event', { signal: ac.signal })) yield event as QmpEvent;
-    } catch (err) {
-      if (!ac.signal.aborted) throw err;
-    } finally {
-      this.off('close', onClose);
-      signal?.removeEventListener('abort', onClose);
-    }
-  }
-
-  /** Resolves with the first event named `name` (optionally matching `match`), or rejects on timeout/close. */
-  waitEvent(name: string, timeoutMs: number, match?: (ev: QmpEvent) => boolean): Promise<QmpEvent> {
-    return new Promise((resolve, reject) => {
-      const onEvent = (ev: QmpEvent): void => {
-        if (ev.event !== name || (match && !match(ev))) return;
-        cleanup();
-        resolve(ev);
-      };
-      const onClose = (): void => {
-        cleanup();
-        reject(new QmpError('E_QMP_CLOSED', `QMP connection closed while waiting for ${name}`));
-      };
-      const timer = setTimeout(() => {
-        cleanup();
-        reject(new QmpError('E_QMP_TIMEOUT', `No ${name} event within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const cleanup = (): void => {
-        clearTimeout(timer);
-        this.off('event', onEvent);
-        this.off('close', onClose);
-      };
-      if (this.closed) return onClose();
-      this.on('event', onEvent);
-      this.on('close', onClose);
     });
   }
 

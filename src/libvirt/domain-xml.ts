@@ -127,3 +127,16 @@ export async function stageGuestFiles(guest: GuestImage, dir: string): Promise<G
   await chmod(initrd, 0o644);
   return { ...guest, kernel, initrd };
 }
+
+/** The file a domain's serial console writes to (`<serial type='file'>`), if it has one. */
+export function consoleFromDomainXml(xml: string): string | undefined {
+  return /<serial type=["']file["']>\s*<source path=["']([^"']+)["']/.exec(xml)?.[1];
+}
+
+/** Where libvirt keeps a running domain's QEMU pid, for the system or a session connection. */
+export function domainPidFile(domain: string, uri: string): string {
+  const dir = uri.endsWith('/session')
+    ? join(process.env.XDG_RUNTIME_DIR ?? '/run/user', 'libvirt', 'qemu', 'run')
+    : '/run/libvirt/qemu';
+  return join(dir, `${domain}.pid`);
+}

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { RestoreError, TlcError, VmError } from '../core/errors.js';
 import { PRIVATE_DIR_MODE } from '../core/paths.js';
+import { consoleFromDomainXml, domainPidFile } from '../libvirt/domain-xml.js';
 import { SaveImageWriter } from '../libvirt/save-image.js';
 import { domainState, virsh } from '../libvirt/virsh.js';
 import { restoreDisks } from '../disk/restore-disks.js';
@@ -88,9 +89,9 @@ export async function restoreLibvirtDomain(
       await sleep(20);
     }
     const timeToRunningMs = performance.now() - started;
-    const pid = Number(fs.readFileSync(`/run/libvirt/qemu/${domain}.pid`, 'utf8').trim());
+    const pid = Number(fs.readFileSync(domainPidFile(domain, uri), 'utf8').trim());
     const process = identify(pid);
-    const consoleLog = /<serial type=["']file["']>\s*<source path=["']([^"']+)["']/.exec(xml)?.[1] ?? '';
+    const consoleLog = consoleFromDomainXml(xml) ?? '';
     const record: VmRecord = {
       spec: { ...m.vm, name, libvirt: { domain, uri, xml } },
       paths: { ...runtimePaths(name), qmpSocket: '', consoleLog },

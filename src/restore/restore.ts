@@ -10,7 +10,7 @@ import type { QmpClient } from '../qmp/client.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { checkpointFilePath } from '../store/manifest.js';
 import { loadSigningKey } from '../store/sign.js';
-import { assertVerified, verifyCheckpoint } from '../store/verify.js';
+import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
 import type { Accel } from '../vm/spec.js';
 import { ConsoleTail } from '../vm/console.js';
 import { deathCheck, launchQemu } from '../vm/launch.js';
@@ -77,11 +77,16 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     ...(opts.signKeyFile ? { keyFile: opts.signKeyFile } : {}),
     create: false,
   });
-  const report = verifyCheckpoint(ckpt, Boolean(opts.verify), {
-    ...(signing ? { key: signing.key } : {}),
-    allowUnsigned: Boolean(opts.allowUnsigned),
-  });
-  assertVerified(report);
+  // The checkpoint and every parent its disk layers build on are checked the same way.
+  const verify = (c: StoredCheckpoint): VerifyReport => {
+    const report = verifyCheckpoint(c, Boolean(opts.verify), {
+      ...(signing ? { key: signing.key } : {}),
+      allowUnsigned: Boolean(opts.allowUnsigned),
+    });
+    assertVerified(report);
+    return report;
+  };
+  const report = verify(ckpt);
   if (report.signature === 'unsigned')
     log(`${ckpt.id} is unsigned: its origin is not checked (restoring as --allow-unsigned says)`);
   if (report.signature === 'no-key')
@@ -96,13 +101,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
       log,
       timeoutMs: opts.timeoutMs ?? 120_000,
       store,
-      verifyParent: (parent) =>
-        assertVerified(
-          verifyCheckpoint(parent, Boolean(opts.verify), {
-            ...(signing ? { key: signing.key } : {}),
-            allowUnsigned: Boolean(opts.allowUnsigned),
-          }),
-        ),
+      verifyParent: verify,
       ...(opts.diskTarget ? { diskTarget: path.resolve(opts.diskTarget) } : {}),
     });
     return {
@@ -137,13 +136,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     targetDir: opts.diskTarget ? path.resolve(opts.diskTarget) : vmDir(name),
     vmName: name,
     log,
-    verifyParent: (parent) =>
-      assertVerified(
-        verifyCheckpoint(parent, Boolean(opts.verify), {
-          ...(signing ? { key: signing.key } : {}),
-          allowUnsigned: Boolean(opts.allowUnsigned),
-        }),
-      ),
+    verifyParent: verify,
   });
   if (disks.length > 0 && !spec.adoptedArgv) spec.disks = disks.map((d) => d.disk);
   const diskOverlays = Object.fromEntries(

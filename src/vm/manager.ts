@@ -17,10 +17,19 @@ import type { StatusInfo } from '../qmp/types.js';
 import { type AccelChoice, type AccelRequest, chooseAccel } from './accel.js';
 import { ConsoleTail } from './console.js';
 import { deathCheck, launchQemu } from './launch.js';
-import { identify, isAlive, kill, readCmdline, terminate, waitExit } from './process.js';
+import {
+  type ProcessIdentity,
+  identify,
+  isAlive,
+  kill,
+  readCmdline,
+  terminate,
+  waitExit,
+} from './process.js';
 import { memoryLayout } from './memory-layout.js';
 import { type MonitorAddress, openMonitor } from './monitor-connect.js';
 import { LibvirtMonitor } from '../libvirt/monitor.js';
+import { consoleFromDomainXml, domainPidFile } from '../libvirt/domain-xml.js';
 import { virsh } from '../libvirt/virsh.js';
 import type { Monitor } from '../qmp/monitor.js';
 import { findQemu, resolveMachine } from './qemu.js';
@@ -356,28 +365,9 @@ export async function attachVm(name: string, qmpSocket: string): Promise<VmRecor
     const id = pid === undefined ? undefined : identify(pid);
     if (!id) throw new VmError('E_VM_START', `Cannot find the QEMU process listening on ${socketPath}`);
     const argv = readCmdline(id.pid);
-    const version = await qmp.execute('query-version');
-    const machines = await qmp.execute('query-machines');
-    const kvm = await qmp.execute('query-kvm');
-    const machine = machineFromArgv(argv, machines);
-    const layout = await memoryLayout(qmp);
+    const probed = await probeRunningQemu(qmp, id, argv);
     claimVmName(name);
-    const spec: VmSpec = {
-      specVersion: 1,
-      name,
-      qemu: {
-        binary: fs.readlinkSync(`/proc/${id.pid}/exe`),
-        version: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
-      },
-      machine,
-      accel: kvm.enabled ? 'kvm' : 'tcg',
-      memMiB: layout.memMiB,
-      cpus: argvNumber(argv, '-smp') ?? 1,
-      memory: layout.memory,
-      ...(layout.ramBlock !== RAM_BACKEND_ID ? { ramBlock: layout.ramBlock } : {}),
-      extraArgs: [],
-      adoptedArgv: argv,
-    };
+    const spec: VmSpec = { ...probed, name, cpus: argvNumber(argv, '-smp') ?? 1, adoptedArgv: argv };
     const record: VmRecord = {
       spec,
       paths: { ...runtimePaths(name), qmpSocket: socketPath, consoleLog: consoleFromArgv(argv) ?? '' },
@@ -390,6 +380,34 @@ export async function attachVm(name: string, qmpSocket: string): Promise<VmRecor
   } finally {
     qmp.close();
   }
+}
+
+/**
+ * What a running QEMU tells about itself over QMP, as the spec of a VM tlc adopts: version,
+ * machine type, accelerator, and where main RAM lives. Its binary from /proc.
+ */
+async function probeRunningQemu(
+  qmp: Monitor,
+  id: ProcessIdentity,
+  argv: string[],
+): Promise<Omit<VmSpec, 'name' | 'cpus'>> {
+  const version = await qmp.execute('query-version');
+  const machines = await qmp.execute('query-machines');
+  const kvm = await qmp.execute('query-kvm');
+  const layout = await memoryLayout(qmp);
+  return {
+    specVersion: 1,
+    qemu: {
+      binary: fs.readlinkSync(`/proc/${id.pid}/exe`),
+      version: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
+    },
+    machine: machineFromArgv(argv, machines),
+    accel: kvm.enabled ? 'kvm' : 'tcg',
+    memMiB: layout.memMiB,
+    memory: layout.memory,
+    ...(layout.ramBlock !== RAM_BACKEND_ID ? { ramBlock: layout.ramBlock } : {}),
+    extraArgs: [],
+  };
 }
 
 /** How to reach a VM's monitor. */
@@ -406,33 +424,19 @@ export async function attachLibvirt(name: string, domain: string, uri: string): 
   validateVmName(name);
   const qmp = await LibvirtMonitor.connect(domain, { uri, timeoutMs: 10_000 });
   try {
-    const pidText = fs.readFileSync(path.join(libvirtRunDir(uri), `${domain}.pid`), 'utf8').trim();
+    const pidText = fs.readFileSync(domainPidFile(domain, uri), 'utf8').trim();
     const id = identify(Number(pidText));
     if (!id) throw new VmError('E_VM_START', `Cannot find the QEMU process of libvirt domain ${domain}`);
-    const version = await qmp.execute('query-version');
-    const machines = await qmp.execute('query-machines');
-    const kvm = await qmp.execute('query-kvm');
-    const layout = await memoryLayout(qmp);
+    const probed = await probeRunningQemu(qmp, id, readCmdline(id.pid));
     const xml = await virsh(['dumpxml', '--migratable', domain], { uri });
-    const argv = readCmdline(id.pid);
     claimVmName(name);
     const spec: VmSpec = {
-      specVersion: 1,
+      ...probed,
       name,
-      qemu: {
-        binary: fs.readlinkSync(`/proc/${id.pid}/exe`),
-        version: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
-      },
-      machine: machineFromArgv(argv, machines),
-      accel: kvm.enabled ? 'kvm' : 'tcg',
-      memMiB: layout.memMiB,
       cpus: Number(/<vcpu[^>]*>(\d+)</.exec(xml)?.[1] ?? 1),
-      memory: layout.memory,
-      ...(layout.ramBlock !== RAM_BACKEND_ID ? { ramBlock: layout.ramBlock } : {}),
-      extraArgs: [],
       libvirt: { domain, uri, xml },
     };
-    const consoleLog = /<serial type=["']file["']>\s*<source path=["']([^"']+)["']/.exec(xml)?.[1] ?? '';
+    const consoleLog = consoleFromDomainXml(xml) ?? '';
     const record: VmRecord = {
       spec,
       paths: { ...runtimePaths(name), qmpSocket: '', consoleLog },
@@ -446,13 +450,6 @@ export async function attachLibvirt(name: string, domain: string, uri: string): 
   } finally {
     qmp.close();
   }
-}
-
-/** libvirt's run directory for a connection: where it keeps each domain's QEMU pid file. */
-function libvirtRunDir(uri: string): string {
-  return uri.endsWith('/session')
-    ? path.join(process.env.XDG_RUNTIME_DIR ?? '/run/user', 'libvirt', 'qemu', 'run')
-    : '/run/libvirt/qemu';
 }
 
 function argvValue(argv: string[], flag: string): string | undefined {

@@ -16,7 +16,7 @@ import { CheckpointStore } from '../../src/store/store.js';
 import { verifyCheckpoint } from '../../src/store/verify.js';
 import { killVm, startVm, stopVm } from '../../src/vm/manager.js';
 import type { VmRecord } from '../../src/vm/registry.js';
-import { ext4Qcow2, heartbeatsAdvance, isolatedTlc, spawnTlc, tlc } from './harness.js';
+import { ext4Qcow2, heartbeatsAdvance, isolatedTlc, spawnTlc, tlc, waitConsole } from './harness.js';
 
 const { home } = isolatedTlc();
 const store = new CheckpointStore();
@@ -31,17 +31,9 @@ function lastSynced(s: ConsoleScan): number {
   return s.heartbeats.filter((h) => h.kind === 'diskverify').at(-1)?.seq ?? 0;
 }
 
-async function until(
-  record: VmRecord,
-  done: (s: ConsoleScan) => boolean,
-  what: string,
-): Promise<ConsoleScan> {
-  for (let i = 0; i < 400; i++) {
-    const s = scan(record);
-    if (done(s)) return s;
-    await sleep(50);
-  }
-  throw new Error(`timed out waiting for ${what}:\n${fs.readFileSync(record.paths.consoleLog, 'latin1')}`);
+/** Waits until the VM's console shows what `done` wants (the disk guests are slow to sync). */
+function until(record: VmRecord, done: (s: ConsoleScan) => boolean, what: string): Promise<ConsoleScan> {
+  return waitConsole(record.paths.consoleLog, done, what, 20_000);
 }
 
 /** A fresh ext4 qcow2 holding `fillMiB` MiB of incompressible data beside the guest's records. */

@@ -2,14 +2,13 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { buildGuest, defaultGuestCacheDir } from '../../src/guest/build.js';
 import type { ConsoleScan } from '../../src/guest/heartbeat.js';
 import { startVm, stopVm } from '../../src/vm/manager.js';
 import { loadVm } from '../../src/vm/registry.js';
-import { ext4Image, isolatedTlc, qemuPidsMentioning, readConsole, tlc } from './harness.js';
+import { ext4Image, isolatedTlc, qemuPidsMentioning, readConsole, tlc, waitConsole } from './harness.js';
 
 const run = promisify(execFile);
 const { home } = isolatedTlc();
@@ -44,19 +43,6 @@ function recordsFile(count: number, tail: number): Buffer {
 }
 
 /** Polls the console until `done` holds for what it shows. */
-async function waitConsole(
-  file: string,
-  done: (scan: ConsoleScan) => boolean,
-  what: string,
-): Promise<ConsoleScan> {
-  for (let i = 0; i < 200; i++) {
-    const scan = readConsole(file);
-    if (done(scan)) return scan;
-    await sleep(50);
-  }
-  throw new Error(`timed out waiting for ${what}; console:\n${fs.readFileSync(file, 'latin1')}`);
-}
-
 function syncedSeqs(scan: ConsoleScan): number[] {
   return scan.heartbeats.filter((h) => h.kind === 'diskverify').map((h) => h.seq);
 }

@@ -55,12 +55,13 @@ export interface CliResult {
 }
 
 /** Runs the real CLI as a user would, with this file's TLC_HOME/TLC_STORE. */
-export async function tlc(args: string[], timeoutMs = 120_000): Promise<CliResult> {
+export async function tlc(
+  args: string[],
+  timeoutMs = 120_000,
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<CliResult> {
   try {
-    const { stdout, stderr } = await run(process.execPath, [TLC_BIN, ...args], {
-      timeout: timeoutMs,
-      env: process.env,
-    });
+    const { stdout, stderr } = await run(process.execPath, [TLC_BIN, ...args], { timeout: timeoutMs, env });
     return { code: 0, stdout, stderr };
   } catch (err) {
     const e = err as { code?: number; stdout?: string; stderr?: string };
@@ -173,4 +174,21 @@ export async function ext4Qcow2(file: string, mib: number, content?: string): Pr
   await ext4Image(raw, mib, content);
   await run('qemu-img', ['convert', '-O', 'qcow2', raw, file]);
   fs.rmSync(raw);
+}
+
+/** Polls a console until `done` holds for what it shows; fails with the console's text. */
+export async function waitConsole(
+  file: string,
+  done: (scan: ConsoleScan) => boolean,
+  what: string,
+  timeoutMs = 10_000,
+): Promise<ConsoleScan> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const scan = readConsole(file);
+    if (done(scan)) return scan;
+    if (Date.now() > deadline)
+      throw new Error(`timed out waiting for ${what}; console:\n${fs.readFileSync(file, 'latin1')}`);
+    await sleep(50);
+  }
 }

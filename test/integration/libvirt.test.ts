@@ -27,7 +27,8 @@ import { migrateToFd } from '../../src/libvirt/stream-fd.js';
 import { domainInfo, domainState, runVirsh, virsh } from '../../src/libvirt/virsh.js';
 import { MigrationStreamReader, type DeviceStateInfo, type StreamSink } from '../../src/stream/reader.js';
 import { lastHeartbeatSeq } from '../../src/vm/console.js';
-import { ext4Qcow2 } from './harness.js';
+import { HOLD_ENV } from '../../src/checkpoint/hold.js';
+import { type CliResult, ext4Qcow2, spawnTlc, tlc } from './harness.js';
 
 const URI = 'qemu:///system';
 const MEM_MIB = 128;
@@ -321,18 +322,7 @@ describe(
     };
     let daemons: LibvirtDaemons | undefined;
 
-    async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-      const { execFile } = await import('node:child_process');
-      return new Promise((resolve) => {
-        execFile(
-          process.execPath,
-          [path.join(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js'), ...args],
-          { env, timeout: 180_000 },
-          (err, stdout, stderr) =>
-            resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
-        );
-      });
-    }
+    const cli = (args: string[]): Promise<CliResult> => tlc(args, 180_000, env);
 
     async function migrationConfig(): Promise<unknown> {
       const m = await LibvirtMonitor.connect(name, { uri: URI, timeoutMs: 10_000 });
@@ -472,18 +462,7 @@ describe('tlc with a libvirt domain on a qcow2 disk', { skip }, () => {
   let daemons: LibvirtDaemons | undefined;
   let restoredDisk = '';
 
-  async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    const { execFile } = await import('node:child_process');
-    return new Promise((resolve) => {
-      execFile(
-        process.execPath,
-        [path.join(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js'), ...args],
-        { env, timeout: 180_000 },
-        (err, stdout, stderr) =>
-          resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
-      );
-    });
-  }
+  const cli = (args: string[]): Promise<CliResult> => tlc(args, 180_000, env);
 
   const synced = (from = 0): number[] =>
     scanConsole(consoleText(consoleLog, from))
@@ -533,23 +512,10 @@ describe('tlc with a libvirt domain on a qcow2 disk', { skip }, () => {
     const uffd = fs.readFileSync(sysctl, 'utf8').trim();
     fs.writeFileSync(sysctl, '1');
     try {
-      const { spawn } = await import('node:child_process');
-      const child = spawn(
-        process.execPath,
-        [
-          path.join(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js'),
-          'checkpoint',
-          'lvd',
-          '--mode',
-          'cow',
-        ],
-        { env: { ...env, TLC_TEST_HOLD_AT: 'disk-copy' }, stdio: ['ignore', 'ignore', 'pipe'] },
-      );
-      let err = '';
-      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-      await waitFor('the disk copy', 60_000, () => /holding at disk-copy/.test(err));
-      child.kill('SIGKILL');
-      await new Promise((r) => child.once('exit', r));
+      const held = spawnTlc(['checkpoint', 'lvd', '--mode', 'cow'], { ...env, [HOLD_ENV]: 'disk-copy' });
+      await held.waitFor(/holding at disk-copy/, 60_000);
+      held.child.kill('SIGKILL');
+      await held.exited;
     } finally {
       fs.writeFileSync(sysctl, uffd);
     }

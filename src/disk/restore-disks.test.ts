@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -8,8 +7,7 @@ import { afterEach, beforeEach, describe, it } from 'node:test';
 import { TlcError } from '../core/errors.js';
 import type { ManifestDisk } from '../store/manifest.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
-import { diskLayerOf, writeFixtureFiles } from '../store/testing.js';
-import type { VmDisk } from '../vm/spec.js';
+import { TEST_VM_DISK, diskLayerOf, runQemuImg, writeFixtureFiles } from '../store/testing.js';
 import { qcow2Backing, restoreDisks } from './restore-disks.js';
 
 /**
@@ -21,12 +19,7 @@ const MiB = 1024 * 1024;
 const PARENT = 'web-20260101-000000-aaaa';
 const CHILD = 'web-20260102-000000-bbbb';
 const LAYER = 'disk0-0.qcow2';
-const VM_DISK: VmDisk = {
-  path: '/var/lib/tlc-test/web.qcow2',
-  format: 'qcow2',
-  node: 'tlc-disk0',
-  device: 'tlc-vd0',
-};
+const VM_DISK = TEST_VM_DISK;
 
 let root: string;
 let store: CheckpointStore;
@@ -37,9 +30,7 @@ beforeEach(() => {
 });
 afterEach(() => fs.rmSync(root, { recursive: true, force: true }));
 
-function qemuImg(...args: string[]): string {
-  return execFileSync('qemu-img', args, { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } });
-}
+const qemuImg = runQemuImg;
 
 function rejectsCorrupt(message: RegExp): (err: unknown) => boolean {
   return (err: unknown) => {

@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,10 +14,9 @@ import {
 import { TlcError } from '../core/errors.js';
 import { identify } from '../vm/process.js';
 import type { VmRecord } from '../vm/registry.js';
-import type { VmDisk } from '../vm/spec.js';
 import { MANIFEST_FILE, type ManifestDisk, sealManifest } from './manifest.js';
 import { CheckpointStore, type StoredCheckpoint } from './store.js';
-import { diskLayerOf, fixtureManifest, writeFixtureFiles } from './testing.js';
+import { TEST_VM_DISK, diskLayerOf, fixtureManifest, runQemuImg, writeFixtureFiles } from './testing.js';
 import { verifyCheckpoint } from './verify.js';
 
 /**
@@ -33,12 +31,7 @@ const B = 'web-20260102-000000-bbbb';
 const C = 'web-20260103-000000-cccc';
 const OTHER = 'web2-20260104-000000-dddd';
 const LAYER = 'disk0-0.qcow2';
-const VM_DISK: VmDisk = {
-  path: '/var/lib/tlc-test/web.qcow2',
-  format: 'qcow2',
-  node: 'tlc-disk0',
-  device: 'tlc-vd0',
-};
+const VM_DISK = TEST_VM_DISK;
 
 let root: string;
 let store: CheckpointStore;
@@ -49,9 +42,7 @@ beforeEach(() => {
 });
 afterEach(() => fs.rmSync(root, { recursive: true, force: true }));
 
-function qemuImg(...args: string[]): void {
-  execFileSync('qemu-img', args, { env: { ...process.env, LC_ALL: 'C' } });
-}
+const qemuImg = runQemuImg;
 
 const ids = (): string[] => store.list().map((c) => c.id);
 

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { hashFile } from '../core/fsutil.js';
@@ -164,4 +165,17 @@ export function writeFixtureCheckpoint(
 ): Manifest {
   const id = fixtureManifest(opts).id;
   return writeFixtureFiles(path.join(storeDir, id), opts);
+}
+
+/** The one qcow2 disk the disk-layer tests give their VM. */
+export const TEST_VM_DISK: VmDisk = {
+  path: '/var/lib/tlc-test/web.qcow2',
+  format: 'qcow2',
+  node: 'tlc-disk0',
+  device: 'tlc-vd0',
+};
+
+/** Runs qemu-img (C locale), returning its stdout. */
+export function runQemuImg(...args: string[]): string {
+  return execFileSync('qemu-img', args, { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } });
 }

@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { loadFixture } from './fixtures/index.js';
-import { parseStream } from './fixtures/model.js';
+import { parseStream, rng } from './fixtures/model.js';
 import { MigrationStreamReader, applyXbzrle, type RamBlockInfo, type StreamSink } from './reader.js';
 import { MigrationStreamWriter } from './writer.js';
 
@@ -17,18 +17,6 @@ const BLOCKS: RamBlockInfo[] = [
   { name: 'ram0', usedLength: 16 * MiB },
   { name: 'pc.rom', usedLength: 128 * 1024 },
 ];
-
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Version `v` of the page at `offset` of `block`: distinct from every other page and version. */
 function pageContent(block: number, offset: number, v: number): Buffer {

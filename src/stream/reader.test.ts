@@ -4,7 +4,7 @@ import { deflateSync } from 'node:zlib';
 import { StreamError } from '../core/errors.js';
 import { QEMU } from './constants.js';
 import { FIXTURES, loadFixture, loadManifest, type FixtureName } from './fixtures/index.js';
-import { StreamModel, assertSamePages, parseStream } from './fixtures/model.js';
+import { StreamModel, assertSamePages, parseStream, rng } from './fixtures/model.js';
 import {
   MigrationStreamReader,
   applyXbzrle,
@@ -16,18 +16,6 @@ import { MigrationStreamWriter } from './writer.js';
 
 const MiB = 1024 * 1024;
 const PAGE = 4096;
-
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const nullSink: StreamSink = {
   onConfiguration() {},

@@ -40,6 +40,16 @@ const skip = process.env.TLC_SKIP_LIBVIRT ? 'TLC_SKIP_LIBVIRT is set' : libvirtU
 /** Numbers for the report, printed at the end. */
 const report: Record<string, string> = {};
 
+/** A tlc of its own for a describe block: state, store and signing key under `base`. */
+function privateTlcEnv(base: string): NodeJS.ProcessEnv {
+  return {
+    ...process.env,
+    TLC_HOME: path.join(base, 'home'),
+    TLC_STORE: path.join(base, 'store'),
+    XDG_CONFIG_HOME: path.join(base, 'config'),
+  };
+}
+
 function fmtMs(ms: number): string {
   return `${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
 }
@@ -314,12 +324,7 @@ describe(
     const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-libvirt-tlc-'));
     const stageDir = path.join(LIBVIRT_IMAGES_DIR, name);
     const consoleLog = path.join(base, 'console.log');
-    const env = {
-      ...process.env,
-      TLC_HOME: path.join(base, 'home'),
-      TLC_STORE: path.join(base, 'store'),
-      XDG_CONFIG_HOME: path.join(base, 'config'),
-    };
+    const env = privateTlcEnv(base);
     let daemons: LibvirtDaemons | undefined;
 
     const cli = (args: string[]): Promise<CliResult> => tlc(args, 180_000, env);
@@ -453,12 +458,7 @@ describe('tlc with a libvirt domain on a qcow2 disk', { skip }, () => {
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-libvirt-disk-'));
   const stageDir = path.join(LIBVIRT_IMAGES_DIR, name);
   const consoleLog = path.join(base, 'console.log');
-  const env = {
-    ...process.env,
-    TLC_HOME: path.join(base, 'home'),
-    TLC_STORE: path.join(base, 'store'),
-    XDG_CONFIG_HOME: path.join(base, 'config'),
-  };
+  const env = privateTlcEnv(base);
   let daemons: LibvirtDaemons | undefined;
   let restoredDisk = '';
 

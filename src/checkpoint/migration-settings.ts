@@ -104,11 +104,10 @@ export async function restoreMigrationSettings(
 
 /**
  * Waits until QEMU has finished cleaning up after a migration ended. The status says `failed` or
- * `completed` before QEMU's cleanup runs, and QEMU 7.2's cleanup releases background-snapshot's
- * write protection (userfaultfd) only while the capability is still on: clearing it too early
- * leaves guest pages write-protected with nobody to serve the faults, and the guest freezes for
- * good (seen on 7.2.22 after a failed background snapshot). The userfaultfd descriptor closing is
- * the sign that cleanup ran.
+ * `completed` before QEMU's cleanup runs, and a background snapshot's cleanup lifts its write
+ * protection (closes its userfaultfd): tlc changes no capability under a cleanup still running.
+ * The descriptor closing is the sign that cleanup ran. (A background snapshot cut off mid-stream
+ * never closes it and freezes the guest whatever tlc does, seen on 7.2.22: tlc never cuts one.)
  */
 export async function waitMigrationCleanup(qemuPid: number, timeoutMs = 5000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -27,7 +27,13 @@ describe('time-bound live checkpoint', () => {
     });
     const control = ckpt.manifest.metrics.control;
     assert.ok(control, 'live mode reports what the controller did');
-    assert.equal(control.metDeadline, true);
+    const m = ckpt.manifest.metrics;
+    assert.equal(
+      control.metDeadline,
+      true,
+      `deadline ${deadlineMs} ms missed: setup ${m.setupMs.toFixed(0)} ms (warm-up ${m.warmUpMs?.toFixed(0)}), total ${m.totalMs.toFixed(0)} ms, ` +
+        `downtime ${m.stage3.downtimeMs.toFixed(0)} ms, switchover ${JSON.stringify(control.forcedSwitchover)}`,
+    );
     assert.ok(
       ckpt.manifest.metrics.totalMs <= deadlineMs + 250,
       `VM ran again after ${ckpt.manifest.metrics.totalMs} ms`,

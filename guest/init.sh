@@ -57,6 +57,8 @@ workload_cmd() {
         echo "/bin/memverify $2"
       elif [ $# -eq 3 ] && is_num "$2" && is_num "$3"; then
         echo "/bin/memverify $2 $3"
+      elif [ $# -eq 4 ] && is_num "$2" && is_num "$3" && [ "$4" = grow ]; then
+        echo "/bin/memverify $2 $3 grow"
       fi
       ;;
     dirty)

@@ -1,5 +1,5 @@
 /*
- * memverify <MiB> [rate] — detects guest memory corruption across checkpoint/restore.
+ * memverify <MiB> [rate [grow]] — detects guest memory corruption across checkpoint/restore.
  *
  * Every 4096-byte page of an anonymous region holds:
  *   bytes 0..7   "MEMVRFY!"  (lets an outside tool find our pages in guest RAM)
@@ -10,6 +10,12 @@
  * verified completely before it is rewritten. Each loop iteration verifies and rewrites
  * one page chosen by a seeded PRNG and additionally verifies one page of a sequential
  * sweep, so a corrupted page is found within one sweep of n iterations at the latest.
+ *
+ * With "grow", the region starts untouched (zero in guest RAM) and is filled while the loop
+ * already runs: FILL_BATCH pages per iteration, unpaced, and the rewrites and the sweep cover
+ * only the filled part. That is an allocation phase: guest RAM goes from mostly zero to full
+ * as fast as the vCPU can write it, which is what makes a live checkpoint's estimate of the
+ * remaining work jump (the time-bound controller must survive it).
  *
  * All state (PRNG, versions, digest) lives in process memory: after a VM restore the
  * sequence continues exactly, so the digest after N rewrites is the same in every run.
@@ -26,6 +32,7 @@
 #define WORDS (PAGE / 8u)
 #define MAGIC "MEMVRFY!"
 #define MAX_REPORTS_PER_HEARTBEAT 3 /* a badly corrupted region must not flood the console */
+#define FILL_BATCH 16u /* pages filled per loop iteration in grow mode: fast, but heartbeats stay on time */
 
 static unsigned char *region;
 static uint32_t *versions; /* last version written to each page */
@@ -80,12 +87,13 @@ static int verify_page(uint64_t i) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 2 || argc > 3) {
-    say("usage: memverify <MiB> [rate]");
+  if (argc < 2 || argc > 4 || (argc == 4 && strcmp(argv[3], "grow") != 0)) {
+    say("usage: memverify <MiB> [rate [grow]]");
     return 2;
   }
   uint64_t mib = parse_arg("memverify", "MiB", argv[1]);
-  uint64_t rate = argc == 3 ? parse_arg("memverify", "rate", argv[2]) : 0;
+  uint64_t rate = argc >= 3 ? parse_arg("memverify", "rate", argv[2]) : 0;
+  int grow = argc == 4;
   if (mib == 0 || mib > 1024 * 1024) {
     say("memverify: MiB must be between 1 and 1048576");
     return 2;
@@ -97,13 +105,16 @@ int main(int argc, char **argv) {
     say("memverify: mmap of %llu MiB failed: %s", (unsigned long long)mib, strerror(errno));
     return 1;
   }
-  say("memverify: start mib=%llu pages=%llu rate=%llu", (unsigned long long)mib, (unsigned long long)npages,
-      (unsigned long long)rate);
-  for (uint64_t i = 0; i < npages; i++) {
-    versions[i] = 1;
-    write_page(i, 1);
+  say("memverify: start mib=%llu pages=%llu rate=%llu%s", (unsigned long long)mib, (unsigned long long)npages,
+      (unsigned long long)rate, grow ? " grow" : "");
+  uint64_t filled = 0; /* pages [0, filled) hold data; the rest are untouched */
+  if (!grow) {
+    for (; filled < npages; filled++) {
+      versions[filled] = 1;
+      write_page(filled, 1);
+    }
+    say("memverify: filled pages=%llu", (unsigned long long)npages);
   }
-  say("memverify: filled pages=%llu", (unsigned long long)npages);
 
   uint64_t rng = 0x9E3779B97F4A7C15ULL; /* fixed seed: same page sequence in every run */
   uint64_t digest = 0, rewrites = 0, seq = 0, sweep = 0;
@@ -112,6 +123,13 @@ int main(int argc, char **argv) {
   uint64_t next_hb = t + HEARTBEAT_NS, next_due = t;
 
   for (;;) {
+    if (filled < npages) {
+      for (unsigned b = 0; b < FILL_BATCH && filled < npages; b++, filled++) {
+        versions[filled] = 1;
+        write_page(filled, 1);
+      }
+      if (filled == npages) say("memverify: filled pages=%llu", (unsigned long long)npages);
+    }
     t = now_ns();
     if (t - last > max_gap) max_gap = t - last; /* a paused VM shows up as one long gap */
     last = t;
@@ -133,7 +151,7 @@ int main(int argc, char **argv) {
       if (next_due + HEARTBEAT_NS < t) next_due = t; /* fell far behind (VM paused): no catch-up burst */
     }
 
-    uint64_t i = xorshift64star(&rng) % npages;
+    uint64_t i = xorshift64star(&rng) % filled;
     verify_page(i); /* counted and reported; the rewrite below repairs it either way */
     versions[i]++;
     write_page(i, versions[i]);
@@ -141,7 +159,7 @@ int main(int argc, char **argv) {
     rewrites++;
 
     uint64_t j = sweep;
-    sweep = sweep + 1 == npages ? 0 : sweep + 1;
+    sweep = sweep + 1 >= filled ? 0 : sweep + 1;
     if (!verify_page(j)) write_page(j, versions[j]); /* repair without bumping the version */
   }
 }

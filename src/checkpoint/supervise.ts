@@ -7,34 +7,32 @@ import {
   type ControllerConfig,
   type ControllerState,
   INITIAL_STATE,
+  type Plan,
   decide,
-  expectedDowntimeMs,
 } from './controller.js';
+import type { ControlSample } from './control-trace.js';
+import { MigrationObserver } from './migration-observer.js';
 import type { CheckpointReceiver } from './receiver.js';
 import type { StageMarks } from './stages.js';
 import type { CheckpointProgress } from './take.js';
 
 /** The controller's period; also how often progress is sampled. */
 export const TICK_MS = 100;
-const PAGE_SIZE = 4096;
-/** Weight of the newest sample in the transfer-rate average. */
-const RATE_SMOOTHING = 0.5;
-/** Samples before the rate is trusted: the first ones see QEMU's ramp-up. */
-const RATE_WARMUP_SAMPLES = 3;
-/** Until this many samples, plan with at least the nominal rate (QEMU's slow start). */
-const RAMP_UP_SAMPLES = 5;
 
-/**
- * Auto-converge is on in live mode, but may throttle only 1% until the controller raises the
- * cap: QEMU throttles a guest only when it dirties memory faster than it sends it (trigger 100%).
- */
-/** Once throttling is allowed, QEMU applies it when dirtying exceeds this share of sending. */
+/** QEMU applies a throttle when dirtying exceeds this share of sending in two periods running. */
 const THROTTLE_TRIGGER_PCT = 50;
 /** Pass lines are printed at most this often (QEMU syncs every iteration under a heavy writer). */
 const PASS_REPORT_MS = 500;
 
+/**
+ * Auto-converge is on in live mode with the trigger armed from the start, but may throttle only 1%
+ * until the controller raises the cap. QEMU 7.2 evaluates the trigger once per dirty-rate period
+ * (at least a second) and throttles after two periods over it: armed late, a throttle lands 2-3 s
+ * after it was allowed (seen: at 4.8 s of a 6 s deadline). Armed early, the cap the controller
+ * sets after the first period is applied at the second.
+ */
 export const NO_THROTTLE_YET: MigrationParameters = {
-  'throttle-trigger-threshold': 100,
+  'throttle-trigger-threshold': THROTTLE_TRIGGER_PCT,
   'cpu-throttle-initial': 1,
   'cpu-throttle-increment': 1,
   'max-cpu-throttle': 1,
@@ -48,12 +46,14 @@ export interface SuperviseContext {
   mode: CheckpointMode;
   timeoutMs: number;
   controller?: ControllerConfig;
-  /** Rate assumed while the first pass is still running. */
-  nominalBps: number;
+  /** Guest RAM size, bytes. */
+  ramBytes: number;
   onProgress?: (p: CheckpointProgress) => void;
   onStage: (line: string) => void;
   /** Stops supervising once aborted; the caller unwinds. */
   signal?: AbortSignal;
+  /** Receives one sample per tick (see control-trace.ts). */
+  trace?: ControlSample[];
 }
 
 const MiB = 1024 * 1024;
@@ -71,14 +71,10 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
     (err: unknown) => (streamError = err),
   );
   let state: ControllerState = INITIAL_STATE;
-  let lastBytes = receiver.bytesReceived;
-  let lastT = now();
-  let transferBps = 0;
-  let samples = 0;
-  let lastPages = 0;
   let reportedPass = 0;
   let reportedAt = -PASS_REPORT_MS;
   let maxThrottle = 0;
+  const observer = new MigrationObserver(ctx.ramBytes);
   const report: ControlReport | undefined = ctx.controller
     ? { deadlineMs: ctx.controller.deadlineMs, maxThrottlePct: 0, metDeadline: false }
     : undefined;
@@ -93,23 +89,26 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
     }
     const t = now();
     const bytes = receiver.bytesReceived;
-    // During the first pass QEMU walks pages never sent yet, mostly zero and sent as tiny
-    // records: its progress is pages scanned, not bytes. After it, bytes are the measure.
-    const pages = (info.ram?.normal ?? 0) + (info.ram?.duplicate ?? 0);
-    if (t > lastT && marks.active) {
-      samples++;
-      const byteRate = ((bytes - lastBytes) * 1000) / (t - lastT);
-      const pageRate = ((pages - lastPages) * PAGE_SIZE * 1000) / (t - lastT);
-      const sample = marks.firstPassDone ? byteRate : Math.max(byteRate, pageRate);
-      transferBps = transferBps === 0 ? sample : RATE_SMOOTHING * sample + (1 - RATE_SMOOTHING) * transferBps;
-    }
-    lastBytes = bytes;
-    lastPages = pages;
-    lastT = t;
     const throttlePct = info['cpu-throttle-percentage'] ?? 0;
     maxThrottle = Math.max(maxThrottle, throttlePct);
-    const dirtyBps = (info.ram?.['dirty-pages-rate'] ?? 0) * PAGE_SIZE;
     const remainingBytes = info.ram?.remaining ?? 0;
+    const sample: ControlSample = {
+      t: Math.round(t * 10) / 10,
+      status: info.status ?? '',
+      remaining: remainingBytes,
+      normal: info.ram?.normal ?? 0,
+      duplicate: info.ram?.duplicate ?? 0,
+      received: bytes,
+      dirtyPagesRate: info.ram?.['dirty-pages-rate'] ?? 0,
+      throttlePct,
+      syncs: info.ram?.['dirty-sync-count'] ?? 0,
+      mbps: info.ram?.mbps ?? 0,
+      stopped: Boolean(marks.stopped),
+    };
+    ctx.trace?.push(sample);
+    const m = observer.observe(sample);
+    const transferBps = observer.sendBps;
+    const dirtyBps = m.dirtyBps;
     ctx.onProgress?.({
       stage: !marks.active
         ? 'setup'
@@ -126,12 +125,6 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
       throttlePct,
     });
     if (ctx.controller && marks.active && !marks.stopped && info.status === 'active') {
-      // QEMU's first pass starts slowly (a few hundred ms of ramp-up): for its first half second,
-      // plan with at least the nominal rate, or the ramp-up would look like a hopeless deadline.
-      const measured = samples >= RATE_WARMUP_SAMPLES ? transferBps : 0;
-      const trusted =
-        marks.firstPassDone || samples >= RAMP_UP_SAMPLES ? measured : Math.max(measured, ctx.nominalBps);
-      const m = { elapsedMs: t, remainingBytes, transferBps: trusted, dirtyBps, throttlePct };
       if (marks.passes > reportedPass && marks.passes >= 2 && t - reportedAt >= PASS_REPORT_MS) {
         reportedPass = marks.passes;
         reportedAt = t;
@@ -142,27 +135,32 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
       }
       const { state: next, decision } = decide(ctx.controller, state, m);
       state = next;
+      sample.plan = roundPlan(decision.plan);
       const params: MigrationParameters = {};
       if (decision.throttleCapPct !== undefined) {
-        params['cpu-throttle-initial'] = decision.throttleCapPct;
-        params['cpu-throttle-increment'] = decision.throttleCapPct;
-        params['max-cpu-throttle'] = decision.throttleCapPct;
+        params['cpu-throttle-initial'] = Math.max(1, decision.throttleCapPct);
+        params['cpu-throttle-increment'] = Math.max(1, decision.throttleCapPct);
+        params['max-cpu-throttle'] = Math.max(1, decision.throttleCapPct);
         params['throttle-trigger-threshold'] = THROTTLE_TRIGGER_PCT;
         ctx.onStage(
-          `throttle allowed up to ${decision.throttleCapPct}%: guest dirties ${(dirtyBps / MiB).toFixed(0)} MiB/s, ` +
-            `tlc receives ${(transferBps / MiB).toFixed(0)} MiB/s`,
+          `throttle allowed up to ${decision.throttleCapPct}% (QEMU applies it at its next dirty-rate period): ` +
+            `guest dirties ${(dirtyBps / MiB).toFixed(0)} MiB/s, tlc receives ${(transferBps / MiB).toFixed(0)} MiB/s, ` +
+            `projected end ${fmtMs(decision.plan.finishMs)} of ${ctx.controller.deadlineMs} ms`,
         );
       }
       if (decision.downtimeLimitMs !== undefined) params['downtime-limit'] = decision.downtimeLimitMs;
+      if (Object.keys(params).length > 0) sample.action = JSON.stringify(params);
       if (decision.switchover && report) {
         report.forcedSwitchover = {
           atMs: Math.round(t),
           reason: decision.switchover.reason,
           expectedDowntimeMs: Math.round(decision.switchover.expectedDowntimeMs),
         };
-        ctx.onStage(
-          `switchover forced at ${Math.round(t)} ms: ${decision.switchover.reason}; expected downtime ~${Math.round(expectedDowntimeMs(ctx.controller, m))} ms`,
-        );
+        ctx.onStage(`switchover forced at ${Math.round(t)} ms: ${decision.switchover.reason}`);
+      }
+      if (report) {
+        report.plannedDowntimeMs = Math.round(decision.plan.allowedMs);
+        report.stopAndSaveMs = Math.round(decision.plan.stopAndSaveMs);
       }
       if (Object.keys(params).length > 0) await qmp.execute('migrate-set-parameters', params);
     }
@@ -176,4 +174,14 @@ export async function superviseMigration(ctx: SuperviseContext): Promise<Control
     report.metDeadline = (marks.resumed?.t ?? now()) <= report.deadlineMs;
   }
   return report;
+}
+
+function fmtMs(ms: number): string {
+  return Number.isFinite(ms) ? `~${Math.round(ms)} ms` : 'never (does not converge)';
+}
+
+function roundPlan(p: Plan): Record<string, number | null> {
+  return Object.fromEntries(
+    Object.entries(p).map(([k, v]) => [k, Number.isFinite(v) ? Math.round(v as number) : null]),
+  );
 }

@@ -26,7 +26,9 @@ import { holdAt, holdsAt } from './hold.js';
 import { CheckpointReceiver } from './receiver.js';
 import { CheckpointSession, resume } from './session.js';
 import { type StageMarks, stageMetrics } from './stages.js';
-import { type ControllerConfig, defaultDeadlineMs } from './controller.js';
+import { type ControllerConfig, INITIAL_DOWNTIME_LIMIT_MS, defaultDeadlineMs } from './controller.js';
+import { learnedRates } from './rate-history.js';
+import { type ControlSample, saveControlTrace } from './control-trace.js';
 import { NO_THROTTLE_YET, TICK_MS, superviseMigration } from './supervise.js';
 
 /** QEMU's 128 MiB/s default cap makes live checkpoints of busy guests never end; the receiver is local. */
@@ -36,8 +38,13 @@ const DEFAULT_DOWNTIME_LIMIT_MS = 300;
 const DISK_COPY_TIMEOUT_MS = 30 * 60_000;
 /** Rate assumed for a default deadline before any checkpoint of the VM measured one. */
 const NOMINAL_TRANSFER_BPS = 512 * 1024 * 1024;
-/** TCG fix-up cost per MiB of guest RAM, measured 0.3-0.9 ms; the planner assumes the high end. */
-const TCG_FIXUP_MS_PER_MIB = 1;
+/**
+ * TCG fix-up cost per MiB of guest RAM when no earlier checkpoint of the VM measured it: 0.1-0.25 ms
+ * on a 2-core host beside a CPU hog (1 GiB guest), up to 0.9 ms seen on smaller guests.
+ */
+const TCG_FIXUP_MS_PER_MIB = 0.5;
+/** Device state, the last dirty sync and the `cont` round trip, ms. */
+const STOP_OVERHEAD_MS = 30;
 
 export interface CheckpointProgress {
   stage: 'setup' | 'stage1' | 'stage2' | 'stage3' | 'persisting';
@@ -202,7 +209,9 @@ async function runCheckpoint(
   let switchover: Promise<void> | undefined;
   let unthrottled: Promise<void> | undefined;
 
-  const t0 = performance.now();
+  // The deadline clock starts once tlc is ready to receive (after the warm-up below): setup that
+  // does not depend on the guest is reported apart and does not eat the deadline.
+  let t0 = performance.now();
   const now = (): number => performance.now() - t0;
   const marks: StageMarks = { mode, passes: 0 };
   let resumed: Promise<void> | undefined;
@@ -301,19 +310,25 @@ async function runCheckpoint(
   const ramBytes = record.spec.memMiB * 1024 * 1024;
   const deadlineMs =
     opts.deadlineMs ?? defaultDeadlineMs(ramBytes, opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS);
+  const learned = learnedRates(session.store.list().filter((c) => c.manifest.vm.name === record.spec.name));
   const controller: ControllerConfig | undefined =
     mode === 'live'
       ? {
           deadlineMs,
           maxDowntimeMs,
-          fixedDowntimeMs: guestRam ? record.spec.memMiB * TCG_FIXUP_MS_PER_MIB : 20,
+          fixedDowntimeMs:
+            STOP_OVERHEAD_MS +
+            (guestRam ? record.spec.memMiB * (learned.fixupMsPerMiB ?? TCG_FIXUP_MS_PER_MIB) : 0),
           tickMs: TICK_MS,
-          ...(opts.maxBandwidthBps ? { stopRateBps: NOMINAL_TRANSFER_BPS } : {}),
+          // QEMU sends the stopped stage without its bandwidth cap.
+          stopRateBps: learned.stopRateBps ?? NOMINAL_TRANSFER_BPS,
         }
       : undefined;
   if (controller) {
     stage(
-      `deadline ${deadlineMs} ms${opts.deadlineMs === undefined ? ' (default: 3 passes over RAM at a nominal rate)' : ''}, preferred downtime ${maxDowntimeMs} ms`,
+      `deadline ${deadlineMs} ms${opts.deadlineMs === undefined ? ' (default: 3 passes over RAM at a nominal rate)' : ''}, preferred downtime ${maxDowntimeMs} ms; ` +
+        `planning with a stopped-stage rate of ${(controller.stopRateBps / 2 ** 20).toFixed(0)} MiB/s${learned.stopRateBps ? ' (earlier checkpoints)' : ' (nominal)'} ` +
+        `and a fixed stop cost of ${controller.fixedDowntimeMs.toFixed(0)} ms`,
     );
   }
   let warmUpMs = 0;
@@ -325,6 +340,7 @@ async function runCheckpoint(
     stage(
       `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
     );
+    t0 = performance.now();
     session.throwIfInterrupted();
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
@@ -342,7 +358,8 @@ async function runCheckpoint(
     });
     await qmp.execute('migrate-set-parameters', {
       'max-bandwidth': opts.maxBandwidthBps ?? UNLIMITED_BANDWIDTH,
-      'downtime-limit': Math.round(maxDowntimeMs),
+      // Live mode: QEMU switches over only when the controller allows it (see controller.ts).
+      'downtime-limit': controller ? INITIAL_DOWNTIME_LIMIT_MS : Math.round(maxDowntimeMs),
       ...NO_THROTTLE_YET,
     });
     if (mode === 'stop' && wasRunning) {
@@ -362,6 +379,7 @@ async function runCheckpoint(
     session.throwIfInterrupted();
     await qmp.execute('migrate', { uri: migrateUri });
     session.migrating = true;
+    const trace: ControlSample[] = [];
     const control = await session.guard(
       superviseMigration({
         qmp,
@@ -370,8 +388,8 @@ async function runCheckpoint(
         now,
         mode,
         timeoutMs: opts.timeoutMs ?? 10 * 60_000,
-        nominalBps: opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS,
-        ...(controller ? { controller } : {}),
+        ramBytes,
+        ...(controller ? { controller, trace } : {}),
         ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
         ...(opts.signal ? { signal: opts.signal } : {}),
         onStage: stage,
@@ -381,6 +399,7 @@ async function runCheckpoint(
     if (switchover) await session.guard(switchover);
     session.migrating = false;
     if (control) control.metDeadline = (marks.resumed?.t ?? now()) <= control.deadlineMs;
+    if (controller) saveControlTrace({ ramBytes, deadlineMs, maxDowntimeMs, samples: trace });
     const info = await session.guard(finalInfo(qmp));
     if (mode === 'cow' && marks.resumeTs === undefined) {
       // background-snapshot restarts the VM itself; wait briefly for its RESUME event.

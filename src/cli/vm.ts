@@ -83,7 +83,7 @@ export function registerVmCommands(program: Command): void {
     .option('--cpus <n>', 'vCPUs', '1')
     .option(
       '--workload <spec>',
-      'bundled guest workload: memverify:<MiB>[:<rate>], dirty:<MiB>:<pattern>, idle, diskverify:<records> ' +
+      'bundled guest workload: memverify:<MiB>[:<rate>[:grow]], dirty:<MiB>:<pattern>, idle, diskverify:<records> ' +
         '(needs --disk), or diskverify:<records>+<memverify or dirty spec> (default: idle)',
     )
     .option(

@@ -21,6 +21,14 @@ test('parses workload specs', () => {
   assert.deepEqual(parseWorkloadSpec('memverify:64'), { kind: 'memverify', mib: 64, rate: 0 });
   assert.deepEqual(parseWorkloadSpec('memverify:64:1000'), { kind: 'memverify', mib: 64, rate: 1000 });
   assert.deepEqual(parseWorkloadSpec('memverify:8:0'), { kind: 'memverify', mib: 8, rate: 0 });
+  assert.deepEqual(parseWorkloadSpec('memverify:900:0:grow'), {
+    kind: 'memverify',
+    mib: 900,
+    rate: 0,
+    grow: true,
+  });
+  assert.equal(formatWorkloadSpec(parseWorkloadSpec('memverify:900:0:grow')), 'memverify:900:0:grow');
+  assert.throws(() => parseWorkloadSpec('memverify:900:0:shrink'), /Bad workload/);
   assert.deepEqual(parseWorkloadSpec('dirty:128:random'), { kind: 'dirty', mib: 128, pattern: 'random' });
   assert.deepEqual(parseWorkloadSpec('dirty:1:stream'), { kind: 'dirty', mib: 1, pattern: 'stream' });
   assert.deepEqual(parseWorkloadSpec('dirty:32:hotcold'), { kind: 'dirty', mib: 32, pattern: 'hotcold' });

@@ -42,7 +42,7 @@ export type DirtyPattern = 'random' | 'stream' | 'hotcold';
 
 /** One guest program. */
 export type SingleWorkloadSpec =
-  | { kind: 'memverify'; mib: number; rate: number }
+  | { kind: 'memverify'; mib: number; rate: number; grow?: boolean }
   | { kind: 'dirty'; mib: number; pattern: DirtyPattern }
   | { kind: 'idle' }
   /** Appends `records` fsynced records to /mnt/records on /dev/vda (0: forever). */
@@ -109,7 +109,7 @@ const MAX_RECORDS = 1_000_000_000;
 // Workload specs and the kernel command line
 
 const SPEC_USAGE =
-  'expected memverify:<MiB>[:<rate>], dirty:<MiB>:<random|stream|hotcold>, idle, diskverify:<records>, ' +
+  'expected memverify:<MiB>[:<rate>[:grow]], dirty:<MiB>:<random|stream|hotcold>, idle, diskverify:<records>, ' +
   'or diskverify:<records>+<memverify or dirty spec>';
 
 function parseCount(spec: string, what: string, text: string | undefined, min: number, max: number): number {
@@ -127,10 +127,12 @@ function parseSingle(spec: string, part: string): SingleWorkloadSpec {
   const parts = part.split(':');
   switch (parts[0]) {
     case 'memverify': {
-      if (parts.length !== 2 && parts.length !== 3) break;
+      if (parts.length < 2 || parts.length > 4 || (parts.length === 4 && parts[3] !== 'grow')) break;
       const mib = parseCount(spec, 'MiB', parts[1], 1, MAX_MIB);
-      const rate = parts.length === 3 ? parseCount(spec, 'rate', parts[2], 0, MAX_RATE) : 0;
-      return { kind: 'memverify', mib, rate };
+      const rate = parts.length >= 3 ? parseCount(spec, 'rate', parts[2], 0, MAX_RATE) : 0;
+      return parts.length === 4
+        ? { kind: 'memverify', mib, rate, grow: true }
+        : { kind: 'memverify', mib, rate };
     }
     case 'dirty': {
       if (parts.length !== 3) break;
@@ -173,6 +175,7 @@ export function parseWorkloadSpec(spec: string): WorkloadSpec {
 export function formatWorkloadSpec(spec: WorkloadSpec): string {
   switch (spec.kind) {
     case 'memverify':
+      if (spec.grow) return `memverify:${spec.mib}:${spec.rate}:grow`;
       return spec.rate ? `memverify:${spec.mib}:${spec.rate}` : `memverify:${spec.mib}`;
     case 'dirty':
       return `dirty:${spec.mib}:${spec.pattern}`;

@@ -151,8 +151,12 @@ export interface ManifestDisk {
 }
 
 export interface StageMetrics {
-  /** Includes `warmUpMs`: faulting in the page table before QEMU starts sending. */
+  /** From the start of the clock (after the warm-up) until QEMU's migration is active. */
   setupMs: number;
+  /**
+   * Faulting in the page table before QEMU starts sending; the clock (totalMs, the deadline)
+   * starts after it. Checkpoints before format 1.2's tlc included it in setupMs.
+   */
   warmUpMs?: number;
   stage1: { ms: number; bytes: number };
   stage2: { iterations: number; ms: number; bytes: number };
@@ -179,6 +183,10 @@ export interface ControlReport {
   deadlineMs: number;
   /** Highest vCPU throttle QEMU applied, percent. */
   maxThrottlePct: number;
+  /** Downtime the controller aimed for at the end: the preferred one, or stop-and-save if less. */
+  plannedDowntimeMs?: number;
+  /** Its estimate of what stopping the VM and saving all its data would have cost, ms. */
+  stopAndSaveMs?: number;
   /** Set when the controller forced the switchover before QEMU converged on its own. */
   forcedSwitchover?: { atMs: number; reason: string; expectedDowntimeMs: number };
   /** Whether the VM ran again before the deadline. */

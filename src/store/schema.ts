@@ -82,6 +82,8 @@ const metricsSchema = z
       .object({
         deadlineMs: num(),
         maxThrottlePct: num(),
+        plannedDowntimeMs: num().optional(),
+        stopAndSaveMs: num().optional(),
         forcedSwitchover: z
           .object({ atMs: num(), reason: text(1024), expectedDowntimeMs: num() })
           .passthrough()

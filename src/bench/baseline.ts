@@ -20,6 +20,8 @@ export interface QemuMigrationResult {
   /** QEMU's own `total-time`. */
   qemuTotalMs?: number;
   qemuDowntimeMs?: number;
+  /** QEMU's own `setup-time`: from `migrate` until the migration is active. */
+  qemuSetupMs?: number;
   bytesSent: number;
   error?: string;
 }
@@ -59,6 +61,7 @@ export async function runQemuMigration(vm: string, spec: QemuMigrationSpec): Pro
           wallMs: performance.now() - t0,
           ...(info['total-time'] !== undefined ? { qemuTotalMs: info['total-time'] } : {}),
           ...(info.downtime !== undefined ? { qemuDowntimeMs: info.downtime } : {}),
+          ...(info['setup-time'] !== undefined ? { qemuSetupMs: info['setup-time'] } : {}),
           bytesSent,
         };
       }

@@ -9,6 +9,7 @@ import {
   MANIFEST_FORMAT_MAJOR,
   MANIFEST_FORMAT_MINOR,
   MANIFEST_MAGIC,
+  type ControlReport,
   type Manifest,
   type ManifestDisk,
   sealManifest,
@@ -398,7 +399,10 @@ async function runCheckpoint(
     if (resumed) await session.guard(resumed);
     if (switchover) await session.guard(switchover);
     session.migrating = false;
-    if (control) control.metDeadline = (marks.resumed?.t ?? now()) <= control.deadlineMs;
+    if (control) {
+      control.metDeadline = (marks.resumed?.t ?? now()) <= control.deadlineMs;
+      if (!control.metDeadline) control.missedBecause = missedBecause(control, marks, tcgFixup?.ms);
+    }
     if (controller) saveControlTrace({ ramBytes, deadlineMs, maxDowntimeMs, samples: trace });
     const info = await session.guard(finalInfo(qmp));
     if (mode === 'cow' && marks.resumeTs === undefined) {
@@ -481,6 +485,21 @@ async function runCheckpoint(
   } finally {
     qmp.off('event', onEvent);
   }
+}
+
+/** Why a live checkpoint ended after its deadline, in terms of what the controller knew. */
+function missedBecause(c: ControlReport, marks: StageMarks, fixupMs: number | undefined): string {
+  const stopAt = marks.stopped?.t;
+  const resumed = marks.resumed?.t ?? 0;
+  const forced = c.forcedSwitchover;
+  if (forced && forced.atMs + forced.expectedDowntimeMs > c.deadlineMs)
+    return `impossible: when forced at ${forced.atMs} ms, stopping already needed ~${forced.expectedDowntimeMs} ms (the first pass alone outran the deadline on this host)`;
+  const parts = [`VM ran again at ${Math.round(resumed)} ms`];
+  if (forced)
+    parts.push(`forced at ${forced.atMs} ms expecting ~${forced.expectedDowntimeMs} ms of downtime`);
+  if (stopAt !== undefined) parts.push(`QEMU stopped the VM at ${Math.round(stopAt)} ms`);
+  if (fixupMs !== undefined) parts.push(`TCG fix-up ${Math.round(fixupMs)} ms`);
+  return `${parts.join(', ')}: the stop took longer than estimated`;
 }
 
 function eventTime(ev: QmpEvent): number {

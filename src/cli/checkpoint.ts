@@ -82,6 +82,12 @@ export function printStages(m: Manifest, print: (line: string) => void): void {
           ? `; switchover forced at ${formatMs(c.forcedSwitchover.atMs)} (expected downtime ${c.forcedSwitchover.expectedDowntimeMs} ms, paid ${x.stage3.downtimeMs.toFixed(0)} ms)`
           : '; QEMU converged on its own'),
     );
+    if (c.plannedDowntimeMs !== undefined)
+      print(
+        `  downtime plan       ${formatMs(c.plannedDowntimeMs)} (preferred, or stop-and-save ~${formatMs(c.stopAndSaveMs ?? 0)} if less)` +
+          (x.tcgFixup ? ', TCG fix-up included' : ''),
+      );
+    if (!c.metDeadline && c.missedBecause) print(`  deadline missed     ${c.missedBecause}`);
   }
   print(`  total time          ${formatMs(x.totalMs)}`);
   print(`  durable after       ${formatMs(x.durableMs)}`);

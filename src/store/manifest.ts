@@ -191,6 +191,8 @@ export interface ControlReport {
   forcedSwitchover?: { atMs: number; reason: string; expectedDowntimeMs: number };
   /** Whether the VM ran again before the deadline. */
   metDeadline: boolean;
+  /** Why not, when it did not: the deadline was impossible, or an estimate was wrong. */
+  missedBecause?: string;
 }
 
 export interface Manifest {

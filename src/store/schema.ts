@@ -89,6 +89,7 @@ const metricsSchema = z
           .passthrough()
           .optional(),
         metDeadline: z.boolean(),
+        missedBecause: text(1024).optional(),
       })
       .passthrough()
       .optional(),

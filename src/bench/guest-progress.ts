@@ -35,6 +35,11 @@ function newestCounter(consoleLog: string): { counter: number } | undefined {
 export interface WorkLost {
   /** Host time the window lasted, ms. */
   windowMs: number;
+  /**
+   * The workload changed phase inside the window or the rate measurement before it (memverify
+   * grow finished its fill, after which it rewrites several times faster): no fair rate to compare.
+   */
+  phaseChange: boolean;
   /** Guest progress during the window ÷ what the rate before would have made. */
   progressRatio: number | null;
   /** Host ms of guest work lost: window − progress ÷ rate before. */
@@ -49,6 +54,7 @@ export async function measureWorkLost<T>(
   consoleLog: string,
   run: () => Promise<T>,
 ): Promise<{ result: T; work: WorkLost }> {
+  const sizeBefore = fs.statSync(consoleLog).size;
   const first = newestCounter(consoleLog);
   const tBefore = performance.now();
   await sleep(BEFORE_MS);
@@ -59,18 +65,24 @@ export async function measureWorkLost<T>(
   const t1 = performance.now();
   const atEnd = newestCounter(consoleLog);
   const windowMs = t1 - t0;
-  if (!first || !atStart || !atEnd || atStart.counter <= first.counter)
-    return { result, work: { windowMs, progressRatio: null, lostMs: null } };
+  const phaseChange = consoleSince(consoleLog, sizeBefore).includes('memverify: filled');
+  if (phaseChange || !first || !atStart || !atEnd || atStart.counter <= first.counter)
+    return { result, work: { windowMs, phaseChange, progressRatio: null, lostMs: null } };
   const ratePerMs = (atStart.counter - first.counter) / (t0 - tBefore);
   const progress = atEnd.counter - atStart.counter;
   return {
     result,
     work: {
       windowMs,
+      phaseChange,
       progressRatio: progress / (ratePerMs * windowMs),
       lostMs: windowMs - progress / ratePerMs,
     },
   };
+}
+
+function consoleSince(consoleLog: string, offset: number): string {
+  return fs.readFileSync(consoleLog, 'latin1').slice(offset);
 }
 
 /** Polls until the guest prints a heartbeat with a progress counter (after boot or a restore). */

@@ -38,6 +38,18 @@ const METHODS = [
   'QEMU background-snapshot',
 ] as const;
 type Method = (typeof METHODS)[number];
+type MethodResult = Omit<
+  Run,
+  | 'ramMiB'
+  | 'load'
+  | 'workload'
+  | 'rep'
+  | 'method'
+  | 'workLostMs'
+  | 'phaseChange'
+  | 'progressRatio'
+  | 'windowMs'
+>;
 
 interface Run {
   ramMiB: number;
@@ -55,6 +67,8 @@ interface Run {
   forced?: boolean;
   maxThrottlePct?: number;
   workLostMs: number | null;
+  /** The guest finished its fill inside the window: work lost is not comparable (null). */
+  phaseChange: boolean;
   progressRatio: number | null;
   windowMs: number;
 }
@@ -62,12 +76,7 @@ interface Run {
 const workspace = benchWorkspace('timebound');
 const store = new CheckpointStore();
 
-async function runMethod(
-  vm: string,
-  method: Method,
-): Promise<
-  Omit<Run, 'ramMiB' | 'load' | 'workload' | 'rep' | 'method' | 'workLostMs' | 'progressRatio' | 'windowMs'>
-> {
+async function runMethod(vm: string, method: Method): Promise<MethodResult> {
   if (method === 'tlc live' || method === 'tlc cow') {
     const ckpt = await takeCheckpoint({ vm, mode: method === 'tlc live' ? 'live' : 'cow', store });
     const m = ckpt.manifest.metrics;
@@ -140,6 +149,7 @@ async function main(): Promise<void> {
               method,
               ...w.result,
               workLostMs: w.work.lostMs,
+              phaseChange: w.work.phaseChange,
               progressRatio: w.work.progressRatio,
               windowMs: w.work.windowMs,
             };

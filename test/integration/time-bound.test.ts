@@ -13,9 +13,11 @@ const store = new CheckpointStore();
 
 describe('time-bound live checkpoint', () => {
   it('finishes a non-converging live checkpoint within its deadline, unthrottled after, memory verified', async () => {
-    // 256 MiB guest rewriting a 64 MiB working set at random, sent at 64 MiB/s: the dirty rate
-    // matches or beats the send rate, so plain pre-copy never converges (the seeds' case).
-    await startVm({ name: 'busy', memMiB: 256, workload: 'memverify:64' });
+    // 512 MiB guest rewriting a 256 MiB working set at random, sent at 64 MiB/s: the guest
+    // re-dirties its whole working set within every pass, so plain pre-copy never converges (the
+    // seeds' case); the stopped stage runs uncapped, but 256 MiB is more than the preferred
+    // downtime allows, so only a throttle or a forced switchover ends it.
+    await startVm({ name: 'busy', memMiB: 512, workload: 'memverify:256' });
     await sleep(1000);
     const deadlineMs = 5000;
     const ckpt = await takeCheckpoint({
@@ -38,7 +40,10 @@ describe('time-bound live checkpoint', () => {
       ckpt.manifest.metrics.totalMs <= deadlineMs + 250,
       `VM ran again after ${ckpt.manifest.metrics.totalMs} ms`,
     );
-    assert.ok(control.forcedSwitchover, 'the deadline, not convergence, ended this checkpoint');
+    assert.ok(
+      control.forcedSwitchover || control.maxThrottlePct > 0,
+      'the controller (a throttle or the deadline), not plain convergence, ended this checkpoint',
+    );
 
     const { qmp } = await connectVm('busy');
     const info = await qmp.execute('query-migrate');

@@ -63,6 +63,8 @@ interface Run {
   totalMs?: number;
   downtimeMs?: number;
   setupMs?: number;
+  /** tlc runs: QEMU's own setup-time (setupMs is tlc's, from its clock start). */
+  qemuSetupMs?: number;
   warmUpMs?: number;
   forced?: boolean;
   maxThrottlePct?: number;
@@ -86,6 +88,7 @@ async function runMethod(vm: string, method: Method): Promise<MethodResult> {
       totalMs: m.totalMs,
       downtimeMs: m.stage3.downtimeMs,
       setupMs: m.setupMs,
+      ...(m.qemuSetupMs !== undefined ? { qemuSetupMs: m.qemuSetupMs } : {}),
       ...(m.warmUpMs !== undefined ? { warmUpMs: m.warmUpMs } : {}),
       ...(m.control
         ? {
@@ -214,6 +217,10 @@ function rows(runs: Run[]): Row[] {
           'throttle',
           num((r) => r.maxThrottlePct),
         ),
+        ...opt(
+          'setup',
+          num((r) => r.setupMs),
+        ),
         forced: method === 'tlc live' ? `${rs.filter((r) => r.forced).length}/${rs.length}` : '',
       });
     }
@@ -232,13 +239,21 @@ function fmt(s: Summary | undefined): string {
 
 function textTable(runs: Run[]): string {
   const lines = [
-    'group | method | deadline met / finished | total ms | downtime ms | guest work lost ms | forced | max throttle %',
+    'group | method | deadline met / finished | total ms | downtime ms | guest work lost ms | forced | max throttle % | setup ms',
   ];
   for (const r of rows(runs))
     lines.push(
-      [r.group, r.method, r.met, fmt(r.total), fmt(r.downtime), fmt(r.lost), r.forced, fmt(r.throttle)].join(
-        ' | ',
-      ),
+      [
+        r.group,
+        r.method,
+        r.met,
+        fmt(r.total),
+        fmt(r.downtime),
+        fmt(r.lost),
+        r.forced,
+        fmt(r.throttle),
+        fmt(r.setup),
+      ].join(' | '),
     );
   return lines.join('\n');
 }

@@ -31,7 +31,7 @@ export interface StageMarks {
 export function stageMetrics(
   m: StageMarks,
   bytesStored: number,
-  qemu: { downtimeMs?: number; downtimeBytes?: number } = {},
+  qemu: { downtimeMs?: number; downtimeBytes?: number; setupMs?: number } = {},
 ): Omit<StageMetrics, 'durableMs'> {
   const qemuDowntimeMs = qemu.downtimeMs;
   const end = m.streamDone ?? { t: 0, bytes: 0 };
@@ -68,6 +68,7 @@ export function stageMetrics(
     stage3,
     totalMs: Math.max(end.t, m.resumed?.t ?? 0),
     ...(qemuDowntimeMs !== undefined ? { qemuDowntimeMs } : {}),
+    ...(qemu.setupMs !== undefined ? { qemuSetupMs: qemu.setupMs } : {}),
     bytesReceived: end.bytes,
     bytesStored,
   };

@@ -334,6 +334,7 @@ async function runCheckpoint(
   }
   let warmUpMs = 0;
   try {
+    session.prepareGuard();
     const migrateUri = await session.guard(session.migrationTarget(receiver));
     warmUpMs = await session.guard(
       receiver.warmUp(ramBlockOf(record.spec), record.spec.memMiB * 1024 * 1024),
@@ -507,7 +508,9 @@ function eventTime(ev: QmpEvent): number {
 }
 
 /** QEMU fills `downtime` a moment after `completed` (reference pitfall 12): re-query briefly. */
-async function finalInfo(qmp: Monitor): Promise<{ downtimeMs?: number; downtimeBytes?: number }> {
+async function finalInfo(
+  qmp: Monitor,
+): Promise<{ downtimeMs?: number; downtimeBytes?: number; setupMs?: number }> {
   let info: MigrationInfo = {};
   for (let i = 0; i < 20; i++) {
     info = await qmp.execute('query-migrate');
@@ -517,6 +520,7 @@ async function finalInfo(qmp: Monitor): Promise<{ downtimeMs?: number; downtimeB
   return {
     ...(info.downtime !== undefined ? { downtimeMs: info.downtime } : {}),
     ...(info.ram?.['downtime-bytes'] !== undefined ? { downtimeBytes: info.ram['downtime-bytes'] } : {}),
+    ...(info['setup-time'] !== undefined ? { setupMs: info['setup-time'] } : {}),
   };
 }
 

@@ -153,6 +153,8 @@ export interface ManifestDisk {
 export interface StageMetrics {
   /** From the start of the clock (after the warm-up) until QEMU's migration is active. */
   setupMs: number;
+  /** QEMU's own setup-time: from its `migrate` until active. */
+  qemuSetupMs?: number;
   /**
    * Faulting in the page table before QEMU starts sending; the clock (totalMs, the deadline)
    * starts after it. Checkpoints before format 1.2's tlc included it in setupMs.

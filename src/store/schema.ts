@@ -75,6 +75,7 @@ const metricsSchema = z
     totalMs: num(),
     durableMs: num(),
     qemuDowntimeMs: num().optional(),
+    qemuSetupMs: num().optional(),
     bytesReceived: num(),
     bytesStored: num(),
     tcgFixup: z.object({ pages: num(), ms: num() }).passthrough().optional(),

@@ -1,4 +1,4 @@
-import { type ChildProcess, fork } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import type net from 'node:net';
 import os from 'node:os';
@@ -281,31 +281,18 @@ export class CheckpointSession {
    * For a background snapshot: hands a duplicate of the migration socket to a guard process that
    * drains it should tlc die (see drain-guard.ts).
    */
-  /**
-   * Starts the drain guard of a cow checkpoint ahead of the stream: forking a process that holds
-   * the page table's gigabytes took 40-200 ms, during which QEMU's setup waited on tlc. The
-   * socket follows over the IPC channel when QEMU connects (guardStream).
-   */
-  prepareGuard(): void {
+  guardStream(socket: net.Socket): void {
     if (this.mode !== 'cow' || this.guard_) return;
     const script = fileURLToPath(new URL('./drain-guard.js', import.meta.url));
-    const child = fork(script, [String(process.pid)], {
-      stdio: ['ignore', 'ignore', 'ignore', 'ipc'],
+    const child = spawn(process.execPath, [script, String(process.pid)], {
+      stdio: [socket, 'ignore', 'ignore'],
       detached: true,
     });
     child.on('error', () => undefined);
     child.unref();
-    child.channel?.unref();
-    this.guard_ = child;
-  }
-
-  /** Hands QEMU's connection to the drain guard; tlc goes on reading it. */
-  guardStream(socket: net.Socket): void {
-    if (this.mode !== 'cow') return;
-    if (!this.guard_) this.prepareGuard();
-    this.guard_?.send('stream', socket, { keepOpen: true }, () => undefined);
-    // Node may stop reading a socket it hands to a child; tlc still reads it until it dies.
+    // Node stops reading a socket it hands to a child as stdio; tlc still reads it until it dies.
     socket.resume();
+    this.guard_ = child;
   }
 
   /** Removes the descriptor sets handed to QEMU (their nodes are closed by then). */

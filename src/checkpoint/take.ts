@@ -334,7 +334,6 @@ async function runCheckpoint(
   }
   let warmUpMs = 0;
   try {
-    session.prepareGuard();
     const migrateUri = await session.guard(session.migrationTarget(receiver));
     warmUpMs = await session.guard(
       receiver.warmUp(ramBlockOf(record.spec), record.spec.memMiB * 1024 * 1024),

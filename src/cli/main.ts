@@ -6,6 +6,7 @@ import { registerCheckpointCommands } from './checkpoint.js';
 import { registerDemoCommand } from './demo.js';
 import { registerGuestCommands } from './guest.js';
 import { registerRestoreCommand } from './restore.js';
+import { registerServeCommand } from './serve.js';
 import { registerVmCommands } from './vm.js';
 
 // Checkpoints and sockets hold guest memory: nothing tlc or its QEMUs create is group/world readable.
@@ -34,6 +35,7 @@ registerVmCommands(program);
 registerCheckpointCommands(program);
 registerRestoreCommand(program);
 registerDemoCommand(program);
+registerServeCommand(program);
 
 try {
   await program.parseAsync(process.argv);

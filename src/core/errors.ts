@@ -27,7 +27,13 @@ export type ErrorCode =
   | 'E_MISMATCH'
   | 'E_RESTORE'
   | 'E_INTERRUPTED'
-  | 'E_UNTRUSTED';
+  | 'E_UNTRUSTED'
+  | 'E_MS_CONNECT'
+  | 'E_MS_AUTH'
+  | 'E_MS_PROTOCOL'
+  | 'E_MS_REMOTE'
+  | 'E_MS_CLOSED'
+  | 'E_MS_TIMEOUT';
 
 export class TlcError extends Error {
   readonly code: ErrorCode;

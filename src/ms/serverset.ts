@@ -1,0 +1,296 @@
+/**
+ * A checkpoint's set of memory servers, as the checkpoint and restore paths see it: puts fan out
+ * to each extent's replicas (placement.ts), blobs go to every server, commits tell each server
+ * exactly which extents it must hold, and gets take an extent from its first replica whose copy
+ * checks out, falling back to the others. Server order matters: it is part of the placement, so
+ * the restoring side must list the servers in the order the checkpoint used.
+ *
+ * A server that fails (down, connection lost) is marked down and skipped from then on; whether a
+ * checkpoint may commit with an extent on fewer than `replicas` servers is the caller's policy
+ * (`commit(..., { minReplicas })`), never decided silently here.
+ */
+import { TlcError, errorText } from '../core/errors.js';
+import { type ClientOptions, type Extent, type ExtentPut, MemoryServerClient, sha256 } from './client.js';
+import { MsError, RemoteError } from './errors.js';
+import type { CheckpointInfo, CommitExpectation } from './messages.js';
+import { placeExtent } from './placement.js';
+
+export interface ServerSetOptions extends ClientOptions {
+  /** Distinct servers holding each extent. Default 1. */
+  replicas?: number;
+}
+
+interface Member {
+  url: string;
+  client: MemoryServerClient | undefined;
+  /** Why the server is considered down, if it is. */
+  down: string | undefined;
+}
+
+export interface PutResult {
+  /** URLs of the servers that acknowledged the extent. */
+  holders: string[];
+  /** Placed servers that did not, with the reason. */
+  failed: Array<{ url: string; error: string }>;
+}
+
+export interface FetchedExtent extends Extent {
+  /** URL of the server it came from. */
+  from: string;
+}
+
+export interface ListedCheckpoint extends CheckpointInfo {
+  /** URLs of the servers that list it (committed there). */
+  servers: string[];
+}
+
+export class ServerSet {
+  readonly replicas: number;
+  private readonly members: Member[];
+
+  private constructor(members: Member[], replicas: number) {
+    this.members = members;
+    this.replicas = replicas;
+  }
+
+  /**
+   * Connects to every server in parallel. A server that cannot be reached is recorded as down (the
+   * restore path works with replicas); it throws only when none can be reached, or on a refusal
+   * (wrong secret or version): a misconfiguration to report, not a failure to route around.
+   */
+  static async connect(urls: string[], opts: ServerSetOptions): Promise<ServerSet> {
+    const replicas = opts.replicas ?? 1;
+    if (urls.length === 0) throw new TlcError('E_USAGE', 'no memory servers given');
+    placeExtent(0, urls.length, replicas); // validates replicas against the server count
+    const members = await Promise.all(
+      urls.map(async (url): Promise<Member> => {
+        try {
+          return { url, client: await MemoryServerClient.connect(url, opts), down: undefined };
+        } catch (err) {
+          if (err instanceof TlcError && err.code === 'E_MS_AUTH') throw err;
+          return { url, client: undefined, down: errorText(err) };
+        }
+      }),
+    );
+    if (members.every((m) => !m.client)) {
+      for (const m of members) m.client?.close();
+      throw new MsError(
+        'E_MS_CONNECT',
+        `no memory server reachable: ${members.map((m) => m.down).join('; ')}`,
+      );
+    }
+    return new ServerSet(members, replicas);
+  }
+
+  get urls(): string[] {
+    return this.members.map((m) => m.url);
+  }
+
+  /** URLs of servers currently considered down, with the reason. */
+  get down(): Array<{ url: string; error: string }> {
+    return this.members.flatMap((m) => (m.down ? [{ url: m.url, error: m.down }] : []));
+  }
+
+  /** The servers (URLs) that extent `index` is placed on. */
+  placement(index: number): string[] {
+    return placeExtent(index, this.members.length, this.replicas).map((i) => this.urls[i] as string);
+  }
+
+  /** Begins `ckpt` on every server that is up; rejects if none accepts. */
+  async begin(ckpt: string): Promise<void> {
+    const r = await this.everywhere((c) => c.begin(ckpt));
+    if (r.ok.length === 0) throw this.noneError(`begin ${ckpt}`, r.failed);
+  }
+
+  /**
+   * Sends an extent to its replicas (the checksum computed once); resolves with who holds it.
+   * Rejects only if no replica took it.
+   */
+  async putExtent(e: ExtentPut): Promise<PutResult> {
+    const put = { ...e, sha256: e.sha256 ?? sha256(e.data) };
+    const placed = placeExtent(e.index, this.members.length, this.replicas).map(
+      (i) => this.members[i] as Member,
+    );
+    const result: PutResult = { holders: [], failed: [] };
+    await Promise.all(
+      placed.map(async (m) => {
+        try {
+          await this.call(m, (c) => c.putExtent(put));
+          result.holders.push(m.url);
+        } catch (err) {
+          result.failed.push({ url: m.url, error: errorText(err) });
+        }
+      }),
+    );
+    if (result.holders.length === 0)
+      throw new MsError(
+        'E_MS_CONNECT',
+        `no replica took extent ${e.block}[${e.index}]: ${result.failed.map((f) => f.error).join('; ')}`,
+      );
+    return result;
+  }
+
+  /** Sends a blob (manifest, device state, config) to every server that is up; resolves with who holds it. */
+  async putBlob(ckpt: string, name: string, data: Buffer): Promise<string[]> {
+    const r = await this.everywhere((c) => c.putBlob(ckpt, name, data));
+    if (r.ok.length === 0) throw this.noneError(`put blob ${name}`, r.failed);
+    return r.ok;
+  }
+
+  /**
+   * Commits `ckpt` on every server that is up, each told the extents placement put on it
+   * (`extents`: number of extents per block, indices 0..n-1) and the blobs. Rejects if afterwards
+   * some extent is committed on fewer than `minReplicas` servers (default: all `replicas`), or a
+   * blob on none; servers that did commit keep their share (remove() cleans up).
+   */
+  async commit(
+    ckpt: string,
+    extents: Record<string, number>,
+    blobs: string[],
+    opts: { minReplicas?: number } = {},
+  ): Promise<{ committed: string[]; failed: Array<{ url: string; error: string }> }> {
+    const minReplicas = opts.minReplicas ?? this.replicas;
+    const expectations = this.members.map((): CommitExpectation => ({ extents: {}, blobs }));
+    for (const [block, count] of Object.entries(extents))
+      for (let k = 0; k < count; k++)
+        for (const i of placeExtent(k, this.members.length, this.replicas)) {
+          const exp = (expectations[i] as CommitExpectation).extents as Record<string, number[]>;
+          (exp[block] ??= []).push(k);
+        }
+    const committed = new Set<number>();
+    const failed: Array<{ url: string; error: string }> = [];
+    await Promise.all(
+      this.members.map(async (m, i) => {
+        if (!m.client || m.down) {
+          failed.push({ url: m.url, error: m.down ?? 'not connected' });
+          return;
+        }
+        try {
+          await this.call(m, (c) => c.commit(ckpt, expectations[i]));
+          committed.add(i);
+        } catch (err) {
+          failed.push({ url: m.url, error: errorText(err) });
+        }
+      }),
+    );
+    for (const [block, count] of Object.entries(extents))
+      for (let k = 0; k < count; k++) {
+        const n = placeExtent(k, this.members.length, this.replicas).filter((i) => committed.has(i)).length;
+        if (n < minReplicas)
+          throw new MsError(
+            'E_MS_REMOTE',
+            `checkpoint ${ckpt}: extent ${block}[${k}] committed on ${n} of ${this.replicas} servers (need ${minReplicas}): ${failed.map((f) => `${f.url}: ${f.error}`).join('; ')}`,
+          );
+      }
+    if (blobs.length > 0 && committed.size === 0) throw this.noneError(`commit ${ckpt}`, failed);
+    return { committed: [...committed].map((i) => this.urls[i] as string), failed };
+  }
+
+  /**
+   * Fetches extent `index`: from its replicas in placement order, then from the other servers;
+   * a copy that is missing, corrupt (checksum) or on a server that fails is skipped. The first
+   * replica differs between neighbouring extents, so a restore reads from all servers at once.
+   */
+  async getExtent(ckpt: string, block: string, index: number): Promise<FetchedExtent> {
+    const placed = placeExtent(index, this.members.length, this.replicas);
+    const order = [...placed, ...this.members.map((_, i) => i).filter((i) => !placed.includes(i))];
+    const errors: string[] = [];
+    for (const i of order) {
+      const m = this.members[i] as Member;
+      if (!m.client || m.down) {
+        if (placed.includes(i)) errors.push(`${m.url}: down (${m.down ?? 'not connected'})`);
+        continue;
+      }
+      try {
+        return { ...(await this.call(m, (c) => c.getExtent(ckpt, block, index))), from: m.url };
+      } catch (err) {
+        if (!(err instanceof RemoteError && err.remote === 'not-found') || placed.includes(i))
+          errors.push(errorText(err));
+      }
+    }
+    throw new TlcError(
+      'E_NOT_FOUND',
+      `no valid copy of extent ${block}[${index}] of ${ckpt}: ${errors.join('; ')}`,
+    );
+  }
+
+  /** Fetches a blob from the first server whose copy checks out. */
+  async getBlob(ckpt: string, name: string): Promise<Buffer> {
+    const errors: string[] = [];
+    for (const m of this.members) {
+      if (!m.client || m.down) continue;
+      try {
+        return await this.call(m, (c) => c.getBlob(ckpt, name));
+      } catch (err) {
+        errors.push(errorText(err));
+      }
+    }
+    throw new TlcError(
+      'E_NOT_FOUND',
+      `no valid copy of blob ${name} of ${ckpt}: ${errors.join('; ') || 'no server up'}`,
+    );
+  }
+
+  /** Checkpoints committed on any reachable server, each with the servers that list it. */
+  async list(): Promise<ListedCheckpoint[]> {
+    const byId = new Map<string, ListedCheckpoint>();
+    await this.everywhere(async (c) => {
+      for (const info of await c.list()) {
+        const seen = byId.get(info.id);
+        if (seen) seen.servers.push(c.name);
+        else byId.set(info.id, { ...info, servers: [c.name] });
+      }
+    });
+    return [...byId.values()].sort((a, b) => a.committedAt.localeCompare(b.committedAt));
+  }
+
+  /** Removes `ckpt` from every server that is up. */
+  async remove(ckpt: string): Promise<{ removed: string[]; failed: Array<{ url: string; error: string }> }> {
+    const removed: string[] = [];
+    const r = await this.everywhere(async (c, m) => {
+      if (await c.remove(ckpt)) removed.push(m.url);
+    });
+    return { removed, failed: r.failed };
+  }
+
+  close(): void {
+    for (const m of this.members) m.client?.close();
+  }
+
+  /** Runs `fn` on a member; a lost connection marks it down (a refusal does not: the server is fine). */
+  private async call<T>(m: Member, fn: (c: MemoryServerClient) => Promise<T>): Promise<T> {
+    if (!m.client || m.down)
+      throw new MsError('E_MS_CLOSED', `memory server ${m.url} is down: ${m.down ?? 'not connected'}`);
+    try {
+      return await fn(m.client);
+    } catch (err) {
+      if (m.client.closed) m.down ??= errorText(err);
+      throw err;
+    }
+  }
+
+  private async everywhere(
+    fn: (c: MemoryServerClient, m: Member) => Promise<void>,
+  ): Promise<{ ok: string[]; failed: Array<{ url: string; error: string }> }> {
+    const ok: string[] = [];
+    const failed: Array<{ url: string; error: string }> = [];
+    await Promise.all(
+      this.members.map(async (m) => {
+        try {
+          await this.call(m, (c) => fn(c, m));
+          ok.push(m.url);
+        } catch (err) {
+          failed.push({ url: m.url, error: errorText(err) });
+        }
+      }),
+    );
+    return { ok, failed };
+  }
+
+  private noneError(what: string, failed: Array<{ url: string; error: string }>): MsError {
+    return new MsError(
+      'E_MS_CONNECT',
+      `${what}: no memory server accepted it: ${failed.map((f) => f.error).join('; ')}`,
+    );
+  }
+}

@@ -6,6 +6,7 @@ import { registerCheckpointCommands } from './checkpoint.js';
 import { registerDemoCommand } from './demo.js';
 import { registerGuestCommands } from './guest.js';
 import { registerRestoreCommand } from './restore.js';
+import { registerRemoteCommands } from './remote.js';
 import { registerServeCommand } from './serve.js';
 import { registerVmCommands } from './vm.js';
 
@@ -36,6 +37,7 @@ registerCheckpointCommands(program);
 registerRestoreCommand(program);
 registerDemoCommand(program);
 registerServeCommand(program);
+registerRemoteCommands(program);
 
 try {
   await program.parseAsync(process.argv);

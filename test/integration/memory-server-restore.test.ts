@@ -1,0 +1,154 @@
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { continuationProblems, observeGuest } from '../../src/guest/observe.js';
+import { readManifest } from '../../src/store/store.js';
+import { TLC_BIN, isolatedTlc, tlc, waitConsole } from './harness.js';
+
+const { home, store } = isolatedTlc();
+const base = path.dirname(home);
+
+interface Server {
+  child: ChildProcess;
+  url: string;
+  data: string;
+}
+
+/** Starts a real `tlc serve` on a free loopback port and waits for its ready line. */
+async function serve(name: string, secretFile: string): Promise<Server> {
+  const data = path.join(base, `ms-${name}`);
+  const child = spawn(
+    process.execPath,
+    [
+      TLC_BIN,
+      'serve',
+      '--listen',
+      'tcp://127.0.0.1:0',
+      '--data',
+      data,
+      '--secret-file',
+      secretFile,
+      '--json',
+    ],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  after(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  let out = '';
+  let err = '';
+  child.stderr?.on('data', (c: Buffer) => (err += c.toString()));
+  const url = await new Promise<string>((resolve, reject) => {
+    child.stdout?.on('data', (c: Buffer) => {
+      out += c.toString();
+      const line = out.split('\n').find((l) => l.startsWith('{'));
+      if (line) resolve((JSON.parse(line) as { url: string }).url);
+    });
+    child.once('exit', (code) => reject(new Error(`tlc serve ${name} exited ${code}: ${err}`)));
+  });
+  return { child, url: url.replace(/^tcp:\/\//, ''), data };
+}
+
+describe('checkpoints on memory servers', () => {
+  it('survives the VM host: push with replicas=2, lose a server and a byte, restore on another host, memory verified', async () => {
+    const secretFile = path.join(base, 'ms-secret');
+    fs.writeFileSync(secretFile, Buffer.from('a shared secret of more than sixteen bytes'), { mode: 0o600 });
+    const servers = [
+      await serve('a', secretFile),
+      await serve('b', secretFile),
+      await serve('c', secretFile),
+    ];
+    const list = servers.map((s) => s.url).join(',');
+
+    const started = await tlc(['vm', 'start', '--name', 'src', '--mem', '256', '--workload', 'memverify:96']);
+    assert.equal(started.code, 0, started.stderr);
+    const ck = await tlc(['checkpoint', 'src', '--mode', 'live', '--json']);
+    assert.equal(ck.code, 0, ck.stderr);
+    const id = (JSON.parse(ck.stdout) as { id: string }).id;
+    const seqBefore = readManifest(path.join(store, id)).guestHeartbeatSeqBefore;
+    const pushed = await tlc([
+      'push',
+      id,
+      '--servers',
+      list,
+      '--replicas',
+      '2',
+      '--secret-file',
+      secretFile,
+      '--json',
+    ]);
+    assert.equal(pushed.code, 0, pushed.stderr);
+    assert.equal((JSON.parse(pushed.stdout) as { committedOn: string[] }).committedOn.length, 3);
+    assert.equal((await tlc(['vm', 'stop', 'src', '--force'])).code, 0);
+
+    // Any reachable server lists it.
+    const ls = await tlc([
+      'remote',
+      'ls',
+      '--servers',
+      servers[0]?.url ?? '',
+      '--secret-file',
+      secretFile,
+      '--json',
+    ]);
+    assert.equal(ls.code, 0, ls.stderr);
+    assert.deepEqual(
+      (JSON.parse(ls.stdout) as { checkpoints: { id: string }[] }).checkpoints.map((c) => c.id),
+      [id],
+    );
+
+    // One server dies; another holds a damaged copy of one extent.
+    const [a, b] = servers as [Server, Server, Server];
+    b.child.kill('SIGKILL');
+    const extents = path.join(a.data, 'committed', id, 'extents');
+    // Placement puts extent k on servers k mod 3 and k+1 mod 3: on a (0), those with k mod 3 = 2
+    // have their other copy on c, which lives.
+    const ramDir = path.join(extents, 'b-block-0.img');
+    const k = fs.readdirSync(ramDir).find((name) => Number(name) % 3 === 2);
+    assert.ok(k !== undefined, 'server a holds an extent whose other replica is on c');
+    const victim = path.join(ramDir, k);
+    const bytes = fs.readFileSync(victim);
+    bytes.writeUInt8((bytes.readUInt8(bytes.length - 1) ^ 0x01) & 0xff, bytes.length - 1);
+    fs.writeFileSync(victim, bytes);
+
+    // "Another host": its own TLC_HOME and store; only the servers and the shared keys in common.
+    const other = {
+      ...process.env,
+      TLC_HOME: path.join(base, 'other-home'),
+      TLC_STORE: path.join(base, 'other-store'),
+    };
+    const pulled = await tlc(
+      ['pull', id, '--servers', list, '--secret-file', secretFile, '--json'],
+      120_000,
+      other,
+    );
+    assert.equal(pulled.code, 0, pulled.stderr);
+    const from = (JSON.parse(pulled.stdout) as { extentsFrom: Record<string, number> }).extentsFrom;
+    assert.equal(from[`tcp://${b.url}`], undefined, 'nothing from the dead server');
+    assert.ok(Object.keys(from).length >= 2, `extents came from ${JSON.stringify(from)}`);
+
+    const restored = await tlc(['restore', id, '--name', 'dst', '--verify'], 120_000, other);
+    assert.equal(restored.code, 0, restored.stderr);
+    const consoleLog = path.join(other.TLC_HOME, 'vms', 'dst', 'console.log');
+    await waitConsole(consoleLog, (s) => s.heartbeats.length >= 3, 'heartbeats after the restore', 20_000);
+    const scan = await observeGuest(consoleLog, 1000);
+    assert.deepEqual(continuationProblems(scan, seqBefore), []);
+    assert.equal((await tlc(['vm', 'stop', 'dst', '--force'], 30_000, other)).code, 0);
+  });
+
+  it('refuses a wrong secret with a clear error and lists nothing partial', async () => {
+    const secretFile = path.join(base, 'ms-secret2');
+    fs.writeFileSync(secretFile, Buffer.from('the right secret, long enough'), { mode: 0o600 });
+    const wrong = path.join(base, 'ms-wrong');
+    fs.writeFileSync(wrong, Buffer.from('the wrong secret, long enough'), { mode: 0o600 });
+    const s = await serve('d', secretFile);
+    const r = await tlc(['remote', 'ls', '--servers', s.url, '--secret-file', wrong]);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /secret/i);
+    const ok = await tlc(['remote', 'ls', '--servers', s.url, '--secret-file', secretFile, '--json']);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.deepEqual((JSON.parse(ok.stdout) as { checkpoints: unknown[] }).checkpoints, []);
+  });
+});

@@ -76,6 +76,8 @@ export interface CheckpointOptions {
   allowInconsistentDisks?: boolean;
   /** HMAC key file; default `$TLC_SIGN_KEY`, else the per-user key (created on first use). */
   signKeyFile?: string;
+  /** Store every page, not only those changed since the VM's newest checkpoint. */
+  full?: boolean;
 }
 
 /**
@@ -231,6 +233,13 @@ async function runCheckpoint(
       );
     }
   };
+  // Incremental by default: only what changed since the VM's newest checkpoint is stored.
+  const parent = opts.full
+    ? undefined
+    : session.store
+        .list()
+        .filter((c) => c.manifest.vm.name === record.spec.name)
+        .at(-1);
   const receiver = new CheckpointReceiver(
     staging,
     {
@@ -249,7 +258,11 @@ async function runCheckpoint(
         }
       },
     },
-    { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024, neverCut: mode === 'cow' },
+    {
+      maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024,
+      neverCut: mode === 'cow',
+      ...(parent ? { parent } : {}),
+    },
   );
   session.receiver = receiver;
 
@@ -316,15 +329,8 @@ async function runCheckpoint(
       `deadline ${deadlineMs} ms${opts.deadlineMs === undefined ? ' (default: 3 passes over RAM at a nominal rate)' : ''}, preferred downtime ${maxDowntimeMs} ms`,
     );
   }
-  let warmUpMs = 0;
   try {
     const migrateUri = await session.guard(session.migrationTarget(receiver));
-    warmUpMs = await session.guard(
-      receiver.warmUp(ramBlockOf(record.spec), record.spec.memMiB * 1024 * 1024),
-    );
-    stage(
-      `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
-    );
     session.throwIfInterrupted();
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
@@ -424,11 +430,12 @@ async function runCheckpoint(
       configSha256: received.configSha256,
       device: received.device,
       vmWasRunning: wasRunning,
+      ...(received.parent ? { parent: received.parent } : {}),
+      storedBytes: received.bytesStored,
       metrics: {
         ...stageMetrics(marks, received.bytesStored, info),
         // Data files are fsynced here; the returned copy below says when the rename made it all durable.
         durableMs: now(),
-        warmUpMs,
         ...(disks.active
           ? {
               disk: {

@@ -11,7 +11,9 @@ import {
   type Manifest,
   PAGE_SIZE,
   SUMS_FILE_RE,
+  HASHES_FILE_RE,
   canonicalBody,
+  hashesFileName,
   formatSupport,
   imageFileName,
   sha256Hex,
@@ -170,6 +172,9 @@ function manifestSchema(strict: boolean) {
     sumsFile: z.string().regex(SUMS_FILE_RE, 'must be a tlc sums file name (block-<n>.img.sums)'),
     sumsSha256: sha256(),
     dataPages: count(),
+    hashesFile: z.string().regex(HASHES_FILE_RE, 'must be a tlc hashes file name').optional(),
+    hashesSha256: sha256().optional(),
+    storedPages: count().optional(),
   });
   return obj({
     magic: z.literal(MANIFEST_MAGIC),
@@ -240,6 +245,8 @@ function manifestSchema(strict: boolean) {
       )
       .max(64)
       .optional(),
+    parent: idName(128).optional(),
+    storedBytes: count().optional(),
     metrics: metricsSchema,
     vmWasRunning: z.boolean(),
     guestHeartbeatSeqBefore: count().optional(),
@@ -250,6 +257,13 @@ function manifestSchema(strict: boolean) {
     }).optional(),
     checksum: sha256(),
   }).superRefine((m, ctx) => {
+    if (m.parent !== undefined && (m.parent === m.id || !m.parent.startsWith(`${m.vm.name}-`))) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['parent'],
+        message: `must be another checkpoint of VM "${m.vm.name}"`,
+      });
+    }
     if (!m.id.startsWith(`${m.vm.name}-`)) {
       ctx.addIssue({
         code: 'custom',
@@ -267,6 +281,34 @@ function manifestSchema(strict: boolean) {
           code: 'custom',
           path: ['blocks', i, 'sumsFile'],
           message: `must be ${sumsFileName(i)}`,
+        });
+      }
+      if (b.hashesFile !== undefined && b.hashesFile !== hashesFileName(i)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'hashesFile'],
+          message: `must be ${hashesFileName(i)}`,
+        });
+      }
+      if ((b.hashesFile === undefined) !== (b.hashesSha256 === undefined)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'hashesSha256'],
+          message: 'hashesFile and hashesSha256 come together',
+        });
+      }
+      if (m.parent !== undefined && b.hashesFile === undefined) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'hashesFile'],
+          message: 'missing (an incremental checkpoint has page hashes for every block)',
+        });
+      }
+      if (b.storedPages !== undefined && b.storedPages > b.usedLength / PAGE_SIZE) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'storedPages'],
+          message: `${b.storedPages} exceeds the block's ${b.usedLength / PAGE_SIZE} pages`,
         });
       }
       if (names.has(b.name)) {

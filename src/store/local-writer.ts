@@ -1,0 +1,251 @@
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { PersistError } from '../core/errors.js';
+import { PRIVATE_FILE_MODE } from '../core/paths.js';
+import {
+  type ManifestBlock,
+  PAGE_SIZE,
+  SUMS_CHUNK_BYTES,
+  hashesFileName,
+  imageFileName,
+  sha256Hex,
+  sumsFileName,
+} from './manifest.js';
+import { HASH_BYTES, ZERO_HASH, hashPages, hashesHeader } from './page-hash.js';
+import type { BlobInfo, BlockSpec, BlockWriter, FinishedRam, StagedCheckpoint } from './staged.js';
+import type { StoredCheckpoint } from './store.js';
+import { chunkCount, hashChunk, newSums } from './sums.js';
+import { compatibleParent } from './chain.js';
+import { allocatedBytes, openNew, readFull, writeDurable, writeFull } from './fileio.js';
+
+/** Longest run of consecutive pages gathered before one pwrite. */
+const RUN_BYTES = 1024 * 1024;
+const PAGES_PER_CHUNK = SUMS_CHUNK_BYTES / PAGE_SIZE;
+
+/**
+ * The local store's staged checkpoint. Pages go straight into a flat file per block through the
+ * page cache (pwrite at the page's offset, later versions overwrite), so tlc holds no RAM-sized
+ * table: its memory is one 1 MiB run buffer per block and, per page, one bit saying whether the
+ * page was ever written (a zero page never written needs no write, the file is sparse).
+ *
+ * `finish` reads each block back once, 1 MiB at a time, and in that one pass finds zero pages,
+ * hashes every page, drops (incremental) the pages whose hash equals the parent's, and computes the
+ * per-MiB SHA-256 sums of what is kept.
+ */
+export class LocalStagedCheckpoint implements StagedCheckpoint {
+  private writers: LocalBlockWriter[] = [];
+  private blobs: BlobInfo[] = [];
+  private parentOf: StoredCheckpoint | undefined;
+
+  constructor(
+    private readonly staging: string,
+    private readonly parent?: StoredCheckpoint,
+  ) {}
+
+  openBlocks(blocks: readonly BlockSpec[]): BlockWriter[] {
+    // Incremental only when the parent has every block, same size, with page hashes.
+    this.parentOf = this.parent && compatibleParent(this.parent, blocks) ? this.parent : undefined;
+    this.writers = blocks.map((b, i) => {
+      const final = path.join(this.staging, imageFileName(i));
+      return new LocalBlockWriter(b, this.parentOf ? `${final}.stage` : final);
+    });
+    return this.writers;
+  }
+
+  putBlob(file: string, data: Buffer): BlobInfo {
+    writeDurable(path.join(this.staging, file), data);
+    const info = { file, bytes: data.length, sha256: sha256Hex(data) };
+    this.blobs.push(info);
+    return info;
+  }
+
+  async finish(): Promise<FinishedRam> {
+    const blocks: ManifestBlock[] = [];
+    let bytesStored = this.blobs.reduce((n, b) => n + b.bytes, 0);
+    for (let i = 0; i < this.writers.length; i++) {
+      const writer = this.writers[i] as LocalBlockWriter;
+      const parentHashes = this.parentOf ? parentHashesFile(this.parentOf, i) : undefined;
+      const done = finishBlock(this.staging, i, writer, parentHashes);
+      bytesStored += done.bytesStored;
+      blocks.push(done.block);
+      // Lets the event loop breathe between blocks (QMP events, signals).
+      await new Promise((r) => setImmediate(r));
+    }
+    return { blocks, bytesStored, ...(this.parentOf ? { parent: this.parentOf.id } : {}) };
+  }
+
+  abandon(): void {
+    for (const w of this.writers) w.close();
+  }
+}
+
+function parentHashesFile(parent: StoredCheckpoint, index: number): string {
+  const b = parent.manifest.blocks[index] as ManifestBlock;
+  return path.join(parent.dir, b.hashesFile as string);
+}
+
+export class LocalBlockWriter implements BlockWriter {
+  readonly length: number;
+  readonly name: string;
+  readonly file: string;
+  fd: number;
+  /** One bit per page: ever written in this checkpoint. */
+  private readonly written: Uint8Array;
+  private readonly run = Buffer.allocUnsafe(RUN_BYTES);
+  private runStart = 0;
+  private runLen = 0;
+  private readonly fillBuf = Buffer.alloc(PAGE_SIZE);
+
+  constructor(block: BlockSpec, file: string) {
+    this.length = block.usedLength;
+    this.name = block.name;
+    this.file = file;
+    this.written = new Uint8Array(Math.ceil(block.usedLength / PAGE_SIZE / 8));
+    try {
+      this.fd = fs.openSync(file, 'wx+', PRIVATE_FILE_MODE);
+      fs.ftruncateSync(this.fd, block.usedLength);
+    } catch (err) {
+      throw new PersistError('create', file, err);
+    }
+  }
+
+  writePage(offset: number, src: Buffer, from: number): void {
+    if (this.runLen === 0 || offset !== this.runStart + this.runLen || this.runLen === RUN_BYTES) {
+      this.flush();
+      this.runStart = offset;
+    }
+    src.copy(this.run, this.runLen, from, from + PAGE_SIZE);
+    this.runLen += PAGE_SIZE;
+    const page = offset / PAGE_SIZE;
+    (this.written[page >>> 3] as number) |= 1 << (page & 7);
+  }
+
+  fillPage(offset: number, value: number): void {
+    const page = offset / PAGE_SIZE;
+    // The file reads as zeros where nothing was written: a first zero page costs nothing.
+    if (value === 0 && ((this.written[page >>> 3] as number) & (1 << (page & 7))) === 0) return;
+    this.fillBuf.fill(value);
+    this.writePage(offset, this.fillBuf, 0);
+  }
+
+  read(offset: number, into: Buffer, len: number): void {
+    this.flush();
+    readFull(this.fd, into, len, offset, this.file);
+  }
+
+  flush(): void {
+    if (this.runLen === 0) return;
+    writeFull(this.fd, this.run, this.runLen, this.runStart, this.file);
+    this.runLen = 0;
+  }
+
+  close(): void {
+    if (this.fd < 0) return;
+    fs.closeSync(this.fd);
+    this.fd = -1;
+  }
+}
+
+/**
+ * The one pass over a block after the stream: page hashes, the parent comparison, the copy of
+ * changed pages into the final (sparse) image when incremental, and the per-MiB sums.
+ */
+function finishBlock(
+  staging: string,
+  index: number,
+  writer: LocalBlockWriter,
+  parentHashesPath: string | undefined,
+): { block: ManifestBlock; bytesStored: number } {
+  writer.flush();
+  const length = writer.length;
+  const imageFile = path.join(staging, imageFileName(index));
+  const sumsFile = path.join(staging, sumsFileName(index));
+  const hashesFile = path.join(staging, hashesFileName(index));
+  const sums = newSums(length);
+  const chunk = Buffer.allocUnsafe(SUMS_CHUNK_BYTES);
+  const hashes = new BigUint64Array(PAGES_PER_CHUNK);
+  const hashBytes = Buffer.from(hashes.buffer);
+  const parentHashes = new BigUint64Array(PAGES_PER_CHUNK);
+  const parentBytes = Buffer.from(parentHashes.buffer);
+  const header = hashesHeader(length);
+  const hashesSha = createHash('sha256').update(header);
+  const hfd = openNew(hashesFile);
+  const pfd = parentHashesPath ? fs.openSync(parentHashesPath, 'r') : -1;
+  const incremental = parentHashesPath !== undefined;
+  const out = incremental ? openNew(imageFile) : writer.fd;
+  let dataPages = 0;
+  let storedPages = 0;
+  try {
+    writeFull(hfd, header, header.length, 0, hashesFile);
+    if (incremental) fs.ftruncateSync(out, length);
+    for (let c = 0; c < chunkCount(length); c++) {
+      const at = c * SUMS_CHUNK_BYTES;
+      const len = Math.min(SUMS_CHUNK_BYTES, length - at);
+      const pages = Math.ceil(len / PAGE_SIZE);
+      readFull(writer.fd, chunk, len, at, writer.file);
+      hashPages(chunk, len, hashes);
+      const hashAt = header.length + c * PAGES_PER_CHUNK * HASH_BYTES;
+      if (pfd >= 0) readFull(pfd, parentBytes, pages * HASH_BYTES, hashAt, parentHashesPath as string);
+      let runFrom = -1;
+      for (let p = 0; p < pages; p++) {
+        const h = hashes[p] as bigint;
+        if (h !== ZERO_HASH) dataPages++;
+        const stored = h !== ZERO_HASH && (pfd < 0 || h !== parentHashes[p]);
+        if (stored) {
+          storedPages++;
+          if (runFrom < 0) runFrom = p;
+        } else {
+          // Not stored: unchanged since the parent, or zero. Sums cover the file as stored.
+          if (pfd >= 0) chunk.fill(0, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+          if (runFrom >= 0 && incremental) copyRun(out, chunk, runFrom, p, at, imageFile);
+          runFrom = -1;
+        }
+      }
+      if (runFrom >= 0 && incremental) copyRun(out, chunk, runFrom, pages, at, imageFile);
+      hashChunk(chunk.subarray(0, len), sums, c);
+      writeFull(hfd, hashBytes, pages * HASH_BYTES, hashAt, hashesFile);
+      hashesSha.update(hashBytes.subarray(0, pages * HASH_BYTES));
+    }
+    fs.fdatasyncSync(out);
+    fs.fdatasyncSync(hfd);
+  } catch (err) {
+    throw err instanceof PersistError ? err : new PersistError('write', imageFile, err);
+  } finally {
+    if (incremental) fs.closeSync(out);
+    fs.closeSync(hfd);
+    if (pfd >= 0) fs.closeSync(pfd);
+    writer.close();
+  }
+  // The flat staging copy of an incremental block was never made durable; it just goes.
+  if (incremental) fs.rmSync(writer.file, { force: true });
+  writeDurable(sumsFile, sums);
+  const bytesStored =
+    allocatedBytes(imageFile) + sums.length + header.length + Math.ceil(length / PAGE_SIZE) * HASH_BYTES;
+  return {
+    block: {
+      name: writer.name,
+      usedLength: length,
+      file: imageFileName(index),
+      sumsFile: sumsFileName(index),
+      sumsSha256: sha256Hex(sums),
+      dataPages,
+      hashesFile: hashesFileName(index),
+      hashesSha256: hashesSha.digest('hex'),
+      storedPages,
+    },
+    bytesStored,
+  };
+}
+
+function copyRun(
+  out: number,
+  chunk: Buffer,
+  fromPage: number,
+  toPage: number,
+  at: number,
+  file: string,
+): void {
+  const from = fromPage * PAGE_SIZE;
+  writeFull(out, chunk.subarray(from), (toPage - fromPage) * PAGE_SIZE, at + from, file);
+}

@@ -1,6 +1,7 @@
 import type net from 'node:net';
 import { DEVICE_FILE, type ManifestBlock, sha256Hex } from '../store/manifest.js';
 import { LocalStagedCheckpoint } from '../store/local-writer.js';
+import type { ScratchOptions } from '../store/scratch.js';
 import type { StagedCheckpoint } from '../store/staged.js';
 import type { StoredCheckpoint } from '../store/store.js';
 import { MigrationStreamReader, type RamSectionHeader } from '../stream/reader.js';
@@ -32,6 +33,8 @@ export interface ReceiverOptions {
   neverCut?: boolean;
   /** Store only what differs from this checkpoint (when its blocks match); default: a full checkpoint. */
   parent?: StoredCheckpoint;
+  /** Receive into the VM's recycled receive files (store/scratch.ts). */
+  scratch?: ScratchOptions;
   /** Where pages go; default the local store's staged checkpoint in `staging`. */
   staged?: StagedCheckpoint;
 }
@@ -49,7 +52,12 @@ export class CheckpointReceiver {
   readonly streamDone: Promise<void>;
 
   constructor(staging: string, events: ReceiverEvents = {}, opts: ReceiverOptions = {}) {
-    this.staged = opts.staged ?? new LocalStagedCheckpoint(staging, opts.parent);
+    this.staged =
+      opts.staged ??
+      new LocalStagedCheckpoint(staging, {
+        ...(opts.parent ? { parent: opts.parent } : {}),
+        ...(opts.scratch ? { scratch: opts.scratch } : {}),
+      });
     this.sink = new PageSink(this.staged, () => this.reader.offset);
     // requireVmdesc: pc machine types of QEMU >= 2.3 always end with the VM description, so a
     // stream cut right after EOF must not pass as complete.

@@ -234,12 +234,11 @@ async function runCheckpoint(
     }
   };
   // Incremental by default: only what changed since the VM's newest checkpoint is stored.
-  const parent = opts.full
-    ? undefined
-    : session.store
-        .list()
-        .filter((c) => c.manifest.vm.name === record.spec.name)
-        .at(-1);
+  const newest = session.store
+    .list()
+    .filter((c) => c.manifest.vm.name === record.spec.name)
+    .at(-1);
+  const parent = opts.full ? undefined : newest;
   const receiver = new CheckpointReceiver(
     staging,
     {
@@ -262,6 +261,7 @@ async function runCheckpoint(
       maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024,
       neverCut: mode === 'cow',
       ...(parent ? { parent } : {}),
+      scratch: { dir: session.store.scratchDir(record.spec.name), id, ...(newest ? { newest } : {}) },
     },
   );
   session.receiver = receiver;

@@ -17,6 +17,7 @@ import type { BlobInfo, BlockSpec, BlockWriter, FinishedRam, StagedCheckpoint } 
 import type { StoredCheckpoint } from './store.js';
 import { chunkCount, hashChunk, newSums } from './sums.js';
 import { compatibleParent } from './chain.js';
+import { type ScratchBlock, type ScratchOptions, markScratch, openScratch } from './scratch.js';
 import { allocatedBytes, openNew, readFull, writeDurable, writeFull } from './fileio.js';
 
 /** Longest run of consecutive pages gathered before one pwrite. */
@@ -33,6 +34,13 @@ const PAGES_PER_CHUNK = SUMS_CHUNK_BYTES / PAGE_SIZE;
  * hashes every page, drops (incremental) the pages whose hash equals the parent's, and computes the
  * per-MiB SHA-256 sums of what is kept.
  */
+export interface LocalStagingOptions {
+  /** Store only pages that differ from this checkpoint (when its blocks match). */
+  parent?: StoredCheckpoint;
+  /** Receive into the VM's recycled receive files (scratch.ts) instead of fresh ones. */
+  scratch?: ScratchOptions;
+}
+
 export class LocalStagedCheckpoint implements StagedCheckpoint {
   private writers: LocalBlockWriter[] = [];
   private blobs: BlobInfo[] = [];
@@ -40,16 +48,27 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
 
   constructor(
     private readonly staging: string,
-    private readonly parent?: StoredCheckpoint,
+    private readonly opts: LocalStagingOptions = {},
   ) {}
 
   openBlocks(blocks: readonly BlockSpec[]): BlockWriter[] {
     // Incremental only when the parent has every block, same size, with page hashes.
-    this.parentOf = this.parent && compatibleParent(this.parent, blocks) ? this.parent : undefined;
-    this.writers = blocks.map((b, i) => {
-      const final = path.join(this.staging, imageFileName(i));
-      return new LocalBlockWriter(b, this.parentOf ? `${final}.stage` : final);
-    });
+    const parent = this.opts.parent;
+    this.parentOf = parent && compatibleParent(parent, blocks) ? parent : undefined;
+    if (this.opts.scratch) {
+      const files = openScratch(this.opts.scratch, blocks);
+      this.writers = blocks.map((b, i) => {
+        const f = files[i] as ScratchBlock;
+        return new LocalBlockWriter(b, f.file, f.fd, f.maybeData, false);
+      });
+    } else {
+      this.writers = blocks.map((b, i) => {
+        const final = path.join(this.staging, imageFileName(i));
+        // Full: pages land in the published file directly. Incremental: in a flat staging file.
+        const file = this.parentOf ? `${final}.stage` : final;
+        return new LocalBlockWriter(b, file, createSized(file, b.usedLength), undefined, !this.parentOf);
+      });
+    }
     return this.writers;
   }
 
@@ -72,11 +91,22 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
       // Lets the event loop breathe between blocks (QMP events, signals).
       await new Promise((r) => setImmediate(r));
     }
+    if (this.opts.scratch) markScratch(this.opts.scratch.dir, this.opts.scratch.id);
     return { blocks, bytesStored, ...(this.parentOf ? { parent: this.parentOf.id } : {}) };
   }
 
   abandon(): void {
     for (const w of this.writers) w.close();
+  }
+}
+
+function createSized(file: string, length: number): number {
+  try {
+    const fd = fs.openSync(file, 'wx+', PRIVATE_FILE_MODE);
+    fs.ftruncateSync(fd, length);
+    return fd;
+  } catch (err) {
+    throw new PersistError('create', file, err);
   }
 }
 
@@ -88,26 +118,24 @@ function parentHashesFile(parent: StoredCheckpoint, index: number): string {
 export class LocalBlockWriter implements BlockWriter {
   readonly length: number;
   readonly name: string;
-  readonly file: string;
-  fd: number;
-  /** One bit per page: ever written in this checkpoint. */
-  private readonly written: Uint8Array;
+  /** One bit per page: the page may hold non-zero data (a zero record elsewhere costs nothing). */
+  private readonly maybeData: Uint8Array;
   private readonly run = Buffer.allocUnsafe(RUN_BYTES);
   private runStart = 0;
   private runLen = 0;
   private readonly fillBuf = Buffer.alloc(PAGE_SIZE);
 
-  constructor(block: BlockSpec, file: string) {
+  constructor(
+    block: BlockSpec,
+    readonly file: string,
+    public fd: number,
+    maybeData: Uint8Array | undefined,
+    /** The receive file is the file to publish (a full checkpoint without scratch). */
+    readonly isFinal: boolean,
+  ) {
     this.length = block.usedLength;
     this.name = block.name;
-    this.file = file;
-    this.written = new Uint8Array(Math.ceil(block.usedLength / PAGE_SIZE / 8));
-    try {
-      this.fd = fs.openSync(file, 'wx+', PRIVATE_FILE_MODE);
-      fs.ftruncateSync(this.fd, block.usedLength);
-    } catch (err) {
-      throw new PersistError('create', file, err);
-    }
+    this.maybeData = maybeData ?? new Uint8Array(Math.ceil(block.usedLength / PAGE_SIZE / 8));
   }
 
   writePage(offset: number, src: Buffer, from: number): void {
@@ -118,13 +146,13 @@ export class LocalBlockWriter implements BlockWriter {
     src.copy(this.run, this.runLen, from, from + PAGE_SIZE);
     this.runLen += PAGE_SIZE;
     const page = offset / PAGE_SIZE;
-    (this.written[page >>> 3] as number) |= 1 << (page & 7);
+    (this.maybeData[page >>> 3] as number) |= 1 << (page & 7);
   }
 
   fillPage(offset: number, value: number): void {
     const page = offset / PAGE_SIZE;
-    // The file reads as zeros where nothing was written: a first zero page costs nothing.
-    if (value === 0 && ((this.written[page >>> 3] as number) & (1 << (page & 7))) === 0) return;
+    // The file reads as zeros where nothing was written: a zero page there costs nothing.
+    if (value === 0 && ((this.maybeData[page >>> 3] as number) & (1 << (page & 7))) === 0) return;
     this.fillBuf.fill(value);
     this.writePage(offset, this.fillBuf, 0);
   }
@@ -173,12 +201,14 @@ function finishBlock(
   const hfd = openNew(hashesFile);
   const pfd = parentHashesPath ? fs.openSync(parentHashesPath, 'r') : -1;
   const incremental = parentHashesPath !== undefined;
-  const out = incremental ? openNew(imageFile) : writer.fd;
+  // Unless pages were received into the published file itself, the kept ones are copied out.
+  const copying = !writer.isFinal;
+  const out = copying ? openNew(imageFile) : writer.fd;
   let dataPages = 0;
   let storedPages = 0;
   try {
     writeFull(hfd, header, header.length, 0, hashesFile);
-    if (incremental) fs.ftruncateSync(out, length);
+    if (copying) fs.ftruncateSync(out, length);
     for (let c = 0; c < chunkCount(length); c++) {
       const at = c * SUMS_CHUNK_BYTES;
       const len = Math.min(SUMS_CHUNK_BYTES, length - at);
@@ -197,12 +227,12 @@ function finishBlock(
           if (runFrom < 0) runFrom = p;
         } else {
           // Not stored: unchanged since the parent, or zero. Sums cover the file as stored.
-          if (pfd >= 0) chunk.fill(0, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
-          if (runFrom >= 0 && incremental) copyRun(out, chunk, runFrom, p, at, imageFile);
+          if (incremental) chunk.fill(0, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+          if (runFrom >= 0 && copying) copyRun(out, chunk, runFrom, p, at, imageFile);
           runFrom = -1;
         }
       }
-      if (runFrom >= 0 && incremental) copyRun(out, chunk, runFrom, pages, at, imageFile);
+      if (runFrom >= 0 && copying) copyRun(out, chunk, runFrom, pages, at, imageFile);
       hashChunk(chunk.subarray(0, len), sums, c);
       writeFull(hfd, hashBytes, pages * HASH_BYTES, hashAt, hashesFile);
       hashesSha.update(hashBytes.subarray(0, pages * HASH_BYTES));
@@ -212,13 +242,13 @@ function finishBlock(
   } catch (err) {
     throw err instanceof PersistError ? err : new PersistError('write', imageFile, err);
   } finally {
-    if (incremental) fs.closeSync(out);
+    if (copying) fs.closeSync(out);
     fs.closeSync(hfd);
     if (pfd >= 0) fs.closeSync(pfd);
     writer.close();
   }
-  // The flat staging copy of an incremental block was never made durable; it just goes.
-  if (incremental) fs.rmSync(writer.file, { force: true });
+  // A flat staging copy was never made durable; it just goes. Scratch files stay for the next.
+  if (copying && writer.file.endsWith('.stage')) fs.rmSync(writer.file, { force: true });
   writeDurable(sumsFile, sums);
   const bytesStored =
     allocatedBytes(imageFile) + sums.length + header.length + Math.ceil(length / PAGE_SIZE) * HASH_BYTES;

@@ -13,6 +13,7 @@ import { takeCheckpoint } from '../../src/checkpoint/take.js';
 import { continuationProblems, observeGuest } from '../../src/guest/observe.js';
 import { restoreCheckpoint } from '../../src/restore/restore.js';
 import type { CheckpointMode } from '../../src/store/manifest.js';
+import { loadSigningKey } from '../../src/store/sign.js';
 import { CheckpointStore, type StoredCheckpoint } from '../../src/store/store.js';
 import { verifyCheckpoint } from '../../src/store/verify.js';
 import { killVm, startVm, stopVm } from '../../src/vm/manager.js';
@@ -83,7 +84,13 @@ describe('incremental checkpoints', () => {
     assert.deepEqual(await restoreAll(ckpts, 'chain'), []);
 
     // Prune the middle three: the last one takes over the pages it needed from them.
-    const removed = store.removeIds(ckpts.slice(1, 4).map((c) => c.id));
+    // Checkpoints are signed (the per-user key): a rewritten one is signed again.
+    const signing = loadSigningKey({ create: false });
+    assert.ok(signing);
+    const removed = store.removeIds(
+      ckpts.slice(1, 4).map((c) => c.id),
+      { signKey: signing.key },
+    );
     assert.equal(removed.length, 3);
     const last = fresh(ckpts[4] as StoredCheckpoint);
     assert.equal(last.manifest.parent, first.id, 'the last checkpoint now builds on the first');

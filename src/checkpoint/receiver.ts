@@ -35,6 +35,8 @@ export interface ReceiverOptions {
   parent?: StoredCheckpoint;
   /** Receive into the VM's recycled receive files (store/scratch.ts). */
   scratch?: ScratchOptions;
+  /** Sub-page deltas against the parent (default on). */
+  subPageDeltas?: boolean;
   /** Where pages go; default the local store's staged checkpoint in `staging`. */
   staged?: StagedCheckpoint;
 }
@@ -57,6 +59,7 @@ export class CheckpointReceiver {
       new LocalStagedCheckpoint(staging, {
         ...(opts.parent ? { parent: opts.parent } : {}),
         ...(opts.scratch ? { scratch: opts.scratch } : {}),
+        ...(opts.subPageDeltas !== undefined ? { subPageDeltas: opts.subPageDeltas } : {}),
       });
     this.sink = new PageSink(this.staged, () => this.reader.offset);
     // requireVmdesc: pc machine types of QEMU >= 2.3 always end with the VM description, so a

@@ -78,6 +78,8 @@ export interface CheckpointOptions {
   signKeyFile?: string;
   /** Store every page, not only those changed since the VM's newest checkpoint. */
   full?: boolean;
+  /** Changed pages as XOR deltas against the parent's where that halves them (default on). */
+  subPageDeltas?: boolean;
 }
 
 /**
@@ -262,6 +264,7 @@ async function runCheckpoint(
       neverCut: mode === 'cow',
       ...(parent ? { parent } : {}),
       scratch: { dir: session.store.scratchDir(record.spec.name), id, ...(newest ? { newest } : {}) },
+      ...(opts.subPageDeltas === false ? { subPageDeltas: false } : {}),
     },
   );
   session.receiver = receiver;

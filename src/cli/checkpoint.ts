@@ -112,6 +112,7 @@ export function registerCheckpointCommands(program: Command): void {
       'HMAC key to sign the checkpoint with (default: $TLC_SIGN_KEY or ~/.config/tlc/sign.key, created on first use)',
     )
     .option('--full', "store every page (default: only pages changed since the VM's newest checkpoint)")
+    .option('--no-deltas', 'store changed pages whole, never as sub-page deltas against the parent')
     .option('--store <dir>', STORE_HELP)
     .option('--json', 'print the manifest as JSON')
     .action(async (vm: string, o: StoreFlags & Record<string, string | undefined>) => {
@@ -130,6 +131,7 @@ export function registerCheckpointCommands(program: Command): void {
             ...(o.maxBandwidth ? { maxBandwidthBps: parseRate(o.maxBandwidth, '--max-bandwidth') } : {}),
             timeoutMs: parseDuration(o.timeout as string, '--timeout'),
             full: Boolean(o.full),
+            ...((o.deltas as unknown) === false ? { subPageDeltas: false } : {}),
             onProgress: progress.update,
             onStage: progress.line,
           }),

@@ -7,6 +7,8 @@ import type { BlockSpec } from './staged.js';
 import type { StoredCheckpoint } from './store.js';
 import { chunkCount } from './sums.js';
 import { readFull } from './fileio.js';
+import { DeltaIndex } from './delta-file.js';
+import { applyXorDelta } from './xor-delta.js';
 
 /** Longest RAM chain followed before a manifest is taken to be cyclic. */
 const MAX_CHAIN = 1000;
@@ -68,6 +70,9 @@ export class ChainBlockReader {
   readonly hashes: BigUint64Array[];
   private readonly hashBufs: Buffer[];
   private readonly check = new BigUint64Array(PAGES_PER_CHUNK);
+  /** Per checkpoint: its sub-page deltas, if it has any. */
+  private readonly deltas: (DeltaIndex | undefined)[] = [];
+  private readonly deltaBuf = Buffer.allocUnsafe(PAGE_SIZE);
 
   constructor(
     private readonly chain: readonly StoredCheckpoint[],
@@ -91,6 +96,15 @@ export class ChainBlockReader {
           readFull(hfd, header, HASHES_HEADER_BYTES, 0, hfile);
           checkHashesHeader(header, this.length, hfile);
         }
+        this.deltas.push(
+          b.deltaFile !== undefined && b.deltaBytes !== undefined
+            ? DeltaIndex.open(
+                checkpointFilePath(c.dir, b.deltaFile),
+                b.deltaBytes,
+                Math.ceil(this.length / PAGE_SIZE),
+              )
+            : undefined,
+        );
       }
     } catch (err) {
       this.close();
@@ -120,9 +134,12 @@ export class ChainBlockReader {
     const newest = this.hashes[0] as BigUint64Array;
     let runOwner = -1;
     let runFrom = 0;
+    const firstPage = c * PAGES_PER_CHUNK;
     for (let p = 0; p <= pages; p++) {
-      const owner = p < pages && newest[p] !== ZERO_HASH ? this.ownerOf(p) : -1;
-      if (owner === runOwner) continue;
+      let owner = p < pages && newest[p] !== ZERO_HASH ? this.ownerFrom(p, 0) : -1;
+      // A page kept as a sub-page delta is built on its own: the parent's version, then the XOR.
+      if (owner >= 0 && (this.deltas[owner]?.find(firstPage + p) ?? -1) >= 0) owner = -2;
+      if (owner === runOwner && owner !== -2) continue;
       if (runOwner >= 0) {
         const from = runFrom * PAGE_SIZE;
         const file = this.files[runOwner] as string;
@@ -133,6 +150,10 @@ export class ChainBlockReader {
           at + from,
           file,
         );
+      }
+      if (owner === -2) {
+        this.resolvePage(p, 0, out, at);
+        owner = -1;
       }
       runOwner = owner;
       runFrom = p;
@@ -151,16 +172,38 @@ export class ChainBlockReader {
     return len;
   }
 
-  private ownerOf(p: number): number {
+  /** The first checkpoint from `k` on (towards the oldest) that holds page `p` of this chunk. */
+  private ownerFrom(p: number, k: number): number {
     const last = this.chain.length - 1;
-    for (let k = 0; k < last; k++) if (this.hashes[k]?.[p] !== this.hashes[k + 1]?.[p]) return k;
+    for (let j = k; j < last; j++) if (this.hashes[j]?.[p] !== this.hashes[j + 1]?.[p]) return j;
     return last;
+  }
+
+  /** Page `p` of this chunk as checkpoint `k` has it, into `out` at its place. */
+  private resolvePage(p: number, k: number, out: Buffer, chunkAt: number): void {
+    const off = p * PAGE_SIZE;
+    if (k >= this.chain.length || this.hashes[k]?.[p] === ZERO_HASH) {
+      out.fill(0, off, off + PAGE_SIZE);
+      return;
+    }
+    const j = this.ownerFrom(p, k);
+    const r = this.deltas[j]?.find(chunkAt / PAGE_SIZE + p) ?? -1;
+    if (r < 0) {
+      readFull(this.fds[j] as number, out.subarray(off), PAGE_SIZE, chunkAt + off, this.files[j] as string);
+      return;
+    }
+    this.resolvePage(p, j + 1, out, chunkAt);
+    const index = this.deltas[j] as DeltaIndex;
+    const len = index.read(r, this.deltaBuf);
+    applyXorDelta(out, off, PAGE_SIZE, this.deltaBuf, 0, len);
   }
 
   close(): void {
     for (const fd of [...this.fds, ...this.hfds]) fs.closeSync(fd);
+    for (const d of this.deltas) d?.close();
     this.fds.length = 0;
     this.hfds.length = 0;
+    this.deltas.length = 0;
   }
 }
 

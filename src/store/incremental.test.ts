@@ -69,6 +69,7 @@ async function take(
   const staged = new LocalStagedCheckpoint(staging, {
     ...(opts.parent ? { parent: opts.parent } : {}),
     ...(opts.scratch ? { scratch: { ...opts.scratch, id } } : {}),
+    ...(opts.subPageDeltas !== undefined ? { subPageDeltas: opts.subPageDeltas } : {}),
   });
   const writers = staged.openBlocks(BLOCKS);
   const zero = Buffer.alloc(PAGE_SIZE);
@@ -126,7 +127,43 @@ function mutate(content: Content, seed: number): Content {
   return [ram, rom];
 }
 
+/** A few bytes changed in many pages (a counter per page): sub-page deltas' case. */
+function touchBytes(content: Content, seed: number): Content {
+  const [ram, rom] = content.map((b) => Buffer.from(b)) as [Buffer, Buffer];
+  for (let p = 0; p < RAM / PAGE_SIZE; p += 3)
+    ram[p * PAGE_SIZE + 64 + (seed % 8)] = (ram[p * PAGE_SIZE + 64] as number) + seed;
+  pageOf(seed * 31).copy(ram, 9 * PAGE_SIZE); // and one page rewritten whole
+  return [ram, rom];
+}
+
 describe('incremental checkpoints in the local store', () => {
+  it('sub-page deltas: a few bytes per page cost a few bytes; chains of deltas assemble and merge', async () => {
+    const store = new CheckpointStore(path.join(base, 'deltas'));
+    const contents = [initialContent()];
+    for (let i = 1; i < 4; i++) contents.push(touchBytes(contents[i - 1] as Content, i));
+    const ks: StoredCheckpoint[] = [];
+    for (const c of contents) ks.push(await take(store, c, ks.length > 0 ? { parent: ks.at(-1) } : {}));
+    const k1 = ks[1] as StoredCheckpoint;
+    const ram = k1.manifest.blocks[0];
+    assert.ok(ram?.deltaPages !== undefined && ram.deltaPages > 200, `delta pages: ${ram?.deltaPages}`);
+    assert.ok((ram.deltaBytes ?? 0) < ram.deltaPages * 16, `${ram.deltaBytes} bytes of deltas`);
+    assert.equal(ram.storedPages, ram.deltaPages + 1, 'the page rewritten whole is a full page');
+    ks.forEach((k, i) => assertHolds(store, k, contents[i] as Content));
+    // Without deltas, the same change stores full pages.
+    const plain = await take(store, touchBytes(contents[3] as Content, 4), {
+      parent: ks[3],
+      subPageDeltas: false,
+    });
+    assert.equal(plain.manifest.blocks[0]?.deltaPages, undefined);
+    // A merge replaces deltas against a removed parent with full pages.
+    store.removeIds([ks[1]?.id as string, ks[2]?.id as string]);
+    const k3 = store.exact(ks[3]?.id as string);
+    assert.equal(k3.manifest.parent, ks[0]?.id);
+    assert.equal(k3.manifest.blocks[0]?.deltaFile, undefined);
+    assertHolds(store, k3, contents[3] as Content);
+    assertHolds(store, store.exact(plain.id), touchBytes(contents[3] as Content, 4));
+  });
+
   it('a chain stores only changed pages and assembles to each checkpoint content', async () => {
     const store = new CheckpointStore(path.join(base, 'chain'));
     const c0 = initialContent();

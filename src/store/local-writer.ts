@@ -7,6 +7,7 @@ import {
   type ManifestBlock,
   PAGE_SIZE,
   SUMS_CHUNK_BYTES,
+  deltaFileName,
   hashesFileName,
   imageFileName,
   sha256Hex,
@@ -16,7 +17,10 @@ import { HASH_BYTES, ZERO_HASH, hashPages, hashesHeader } from './page-hash.js';
 import type { BlobInfo, BlockSpec, BlockWriter, FinishedRam, StagedCheckpoint } from './staged.js';
 import type { StoredCheckpoint } from './store.js';
 import { chunkCount, hashChunk, newSums } from './sums.js';
-import { compatibleParent } from './chain.js';
+import { ChainBlockReader, compatibleParent, ramChain } from './chain.js';
+import { DeltaFileWriter } from './delta-file.js';
+import { encodeXorDelta } from './xor-delta.js';
+import { readManifest } from './store.js';
 import { type ScratchBlock, type ScratchOptions, markScratch, openScratch } from './scratch.js';
 import { allocatedBytes, openNew, readFull, writeDurable, writeFull } from './fileio.js';
 
@@ -39,6 +43,8 @@ export interface LocalStagingOptions {
   parent?: StoredCheckpoint;
   /** Receive into the VM's recycled receive files (scratch.ts) instead of fresh ones. */
   scratch?: ScratchOptions;
+  /** Store a changed page as its XOR delta against the parent's where that halves it (default on). */
+  subPageDeltas?: boolean;
 }
 
 export class LocalStagedCheckpoint implements StagedCheckpoint {
@@ -84,8 +90,7 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
     let bytesStored = this.blobs.reduce((n, b) => n + b.bytes, 0);
     for (let i = 0; i < this.writers.length; i++) {
       const writer = this.writers[i] as LocalBlockWriter;
-      const parentHashes = this.parentOf ? parentHashesFile(this.parentOf, i) : undefined;
-      const done = finishBlock(this.staging, i, writer, parentHashes);
+      const done = finishBlock(this.staging, i, writer, this.parentBlock(i));
       bytesStored += done.bytesStored;
       blocks.push(done.block);
       // Lets the event loop breathe between blocks (QMP events, signals).
@@ -97,6 +102,26 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
 
   abandon(): void {
     for (const w of this.writers) w.close();
+  }
+
+  private parentBlock(index: number): ParentBlock | undefined {
+    const parent = this.parentOf;
+    if (!parent) return undefined;
+    const hashesFile = parentHashesFile(parent, index);
+    if (this.opts.subPageDeltas === false) return { hashesFile };
+    try {
+      // The parent's own parents are its siblings in the store directory.
+      const storeDir = path.dirname(parent.dir);
+      const chain = ramChain(parent, (id) => ({
+        id,
+        dir: path.join(storeDir, id),
+        manifest: readManifest(path.join(storeDir, id)),
+      }));
+      return { hashesFile, reader: new ChainBlockReader(chain, index) };
+    } catch {
+      // A parent chain that cannot be read: no deltas (full pages); verify names the damage.
+      return { hashesFile };
+    }
   }
 }
 
@@ -179,11 +204,25 @@ export class LocalBlockWriter implements BlockWriter {
  * The one pass over a block after the stream: page hashes, the parent comparison, the copy of
  * changed pages into the final (sparse) image when incremental, and the per-MiB sums.
  */
+/** The parent's side of an incremental block: its page hashes and, for deltas, its pages. */
+interface ParentBlock {
+  hashesFile: string;
+  /** Reads the parent's content chunk by chunk (sub-page deltas); absent when deltas are off. */
+  reader?: ChainBlockReader;
+}
+
+/** A delta is kept only when it at least halves the page: decoding costs a parent read at restore. */
+const DELTA_LIMIT = PAGE_SIZE / 2;
+
+/**
+ * The one pass over a block after the stream: page hashes, the parent comparison, sub-page deltas,
+ * the copy of kept pages into the final (sparse) image, and the per-MiB sums of that image.
+ */
 function finishBlock(
   staging: string,
   index: number,
   writer: LocalBlockWriter,
-  parentHashesPath: string | undefined,
+  parent: ParentBlock | undefined,
 ): { block: ManifestBlock; bytesStored: number } {
   writer.flush();
   const length = writer.length;
@@ -199,13 +238,20 @@ function finishBlock(
   const header = hashesHeader(length);
   const hashesSha = createHash('sha256').update(header);
   const hfd = openNew(hashesFile);
-  const pfd = parentHashesPath ? fs.openSync(parentHashesPath, 'r') : -1;
-  const incremental = parentHashesPath !== undefined;
+  const pfd = parent ? fs.openSync(parent.hashesFile, 'r') : -1;
+  const incremental = parent !== undefined;
   // Unless pages were received into the published file itself, the kept ones are copied out.
   const copying = !writer.isFinal;
   const out = copying ? openNew(imageFile) : writer.fd;
+  let reader = parent?.reader;
+  const deltas = reader ? new DeltaFileWriter(path.join(staging, deltaFileName(index))) : undefined;
+  const parentChunk = reader ? Buffer.allocUnsafe(SUMS_CHUNK_BYTES) : undefined;
+  const encoded = Buffer.allocUnsafe(DELTA_LIMIT);
+  /** Per page of the chunk: 1 when its full page goes into the image. */
+  const inImage = new Uint8Array(PAGES_PER_CHUNK);
   let dataPages = 0;
   let storedPages = 0;
+  let deltaInfo: { bytes: number; sha256: string } | undefined;
   try {
     writeFull(hfd, header, header.length, 0, hashesFile);
     if (copying) fs.ftruncateSync(out, length);
@@ -216,42 +262,86 @@ function finishBlock(
       readFull(writer.fd, chunk, len, at, writer.file);
       hashPages(chunk, len, hashes);
       const hashAt = header.length + c * PAGES_PER_CHUNK * HASH_BYTES;
-      if (pfd >= 0) readFull(pfd, parentBytes, pages * HASH_BYTES, hashAt, parentHashesPath as string);
-      let runFrom = -1;
+      if (pfd >= 0) readFull(pfd, parentBytes, pages * HASH_BYTES, hashAt, parent?.hashesFile as string);
+      let parentRead = false;
       for (let p = 0; p < pages; p++) {
+        inImage[p] = 0;
         const h = hashes[p] as bigint;
         if (h !== ZERO_HASH) dataPages++;
         const stored = h !== ZERO_HASH && (pfd < 0 || h !== parentHashes[p]);
-        if (stored) {
-          storedPages++;
-          if (runFrom < 0) runFrom = p;
-        } else {
-          // Not stored: unchanged since the parent, or zero. Sums cover the file as stored.
+        if (!stored) {
+          // Unchanged since the parent, or zero: not in the image. Sums cover the image as stored.
           if (incremental) chunk.fill(0, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
-          if (runFrom >= 0 && copying) copyRun(out, chunk, runFrom, p, at, imageFile);
-          runFrom = -1;
+          continue;
+        }
+        storedPages++;
+        if (reader && parentHashes[p] !== ZERO_HASH) {
+          if (!parentRead) {
+            try {
+              reader.readChunk(c, parentChunk as Buffer);
+              parentRead = true;
+            } catch {
+              // A parent that does not read back as its hashes say: no deltas against it (the
+              // full pages are stored; `tlc verify` reports the parent).
+              reader.close();
+              reader = undefined;
+            }
+          }
+          const n = parentRead
+            ? encodeXorDelta(
+                chunk,
+                p * PAGE_SIZE,
+                parentChunk as Buffer,
+                p * PAGE_SIZE,
+                PAGE_SIZE,
+                encoded,
+                0,
+                DELTA_LIMIT,
+              )
+            : -1;
+          if (n > 0) {
+            deltas?.add(c * PAGES_PER_CHUNK + p, encoded, n);
+            chunk.fill(0, p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+            continue;
+          }
+        }
+        inImage[p] = 1;
+      }
+      if (copying) {
+        for (let p = 0, runFrom = -1; p <= pages; p++) {
+          if (p < pages && inImage[p] === 1) {
+            if (runFrom < 0) runFrom = p;
+          } else if (runFrom >= 0) {
+            copyRun(out, chunk, runFrom, p, at, imageFile);
+            runFrom = -1;
+          }
         }
       }
-      if (runFrom >= 0 && copying) copyRun(out, chunk, runFrom, pages, at, imageFile);
       hashChunk(chunk.subarray(0, len), sums, c);
       writeFull(hfd, hashBytes, pages * HASH_BYTES, hashAt, hashesFile);
       hashesSha.update(hashBytes.subarray(0, pages * HASH_BYTES));
     }
     fs.fdatasyncSync(out);
     fs.fdatasyncSync(hfd);
+    deltaInfo = deltas?.finish();
   } catch (err) {
+    if (deltas && !deltaInfo) deltas.abandon();
     throw err instanceof PersistError ? err : new PersistError('write', imageFile, err);
   } finally {
     if (copying) fs.closeSync(out);
     fs.closeSync(hfd);
     if (pfd >= 0) fs.closeSync(pfd);
+    reader?.close();
     writer.close();
   }
   // A flat staging copy was never made durable; it just goes. Scratch files stay for the next.
   if (copying && writer.file.endsWith('.stage')) fs.rmSync(writer.file, { force: true });
   writeDurable(sumsFile, sums);
-  const bytesStored =
+  let bytesStored =
     allocatedBytes(imageFile) + sums.length + header.length + Math.ceil(length / PAGE_SIZE) * HASH_BYTES;
+  const deltaPages = deltas?.pages ?? 0;
+  if (deltas && deltaPages === 0) fs.rmSync(deltas.file);
+  if (deltaInfo && deltaPages > 0) bytesStored += allocatedBytes(deltas?.file as string);
   return {
     block: {
       name: writer.name,
@@ -263,6 +353,14 @@ function finishBlock(
       hashesFile: hashesFileName(index),
       hashesSha256: hashesSha.digest('hex'),
       storedPages,
+      ...(deltaInfo && deltaPages > 0
+        ? {
+            deltaFile: deltaFileName(index),
+            deltaSha256: deltaInfo.sha256,
+            deltaBytes: deltaInfo.bytes,
+            deltaPages,
+          }
+        : {}),
     },
     bytesStored,
   };

@@ -14,6 +14,7 @@ import { type ManifestSignature, signManifest } from './sign.js';
  * | block-<n>.img     | RAM block n as a raw image at its own offsets; sparse where the guest has zeros. Large blocks (ram0) are mapped by lazy restore |
  * | block-<n>.img.sums | `TLCSUMS1`, be32 chunk size, be32 count, then count x 32-byte SHA-256 of each chunk (all-zero hash for an all-zero chunk) |
  * | block-<n>.img.hashes | per-page xxh64 of the block's whole content (page-hash.ts), format 1.2 |
+ * | block-<n>.img.delta | changed pages as XOR deltas against the parent's (delta-file.ts), format 1.2 |
  * | device.bin        | device state: every section after RAM, EOF and the VM description, verbatim |
  *
  * An incremental checkpoint (format 1.2, `parent` set) stores in `block-<n>.img` only the pages
@@ -48,7 +49,7 @@ export const MAX_BLOCK_BYTES = 2 ** 40;
  *   elsewhere and grow on their own.)
  *
  * History: 1.0 first format; 1.1 adds the optional `signature`; 1.2 adds incremental checkpoints:
- * `parent`, `storedBytes` and per block `hashesFile`, `hashesSha256`, `storedPages`.
+ * `parent`, `storedBytes` and per block `hashesFile`, `hashesSha256`, `storedPages`, `delta*`.
  */
 export const MANIFEST_FORMAT_MAJOR = 1;
 export const MANIFEST_FORMAT_MINOR = 2;
@@ -72,6 +73,7 @@ export function formatSupport(version: readonly [number, number], where: string)
 export const IMAGE_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img$/;
 export const SUMS_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.sums$/;
 export const HASHES_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.hashes$/;
+export const DELTA_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.delta$/;
 
 /** A disk layer: `disk<disk index>-<layer index>.qcow2`. */
 export const DISK_LAYER_RE = /^disk(0|[1-9][0-9]?)-(0|[1-9])\.qcow2$/;
@@ -92,6 +94,10 @@ export function hashesFileName(index: number): string {
   return `${imageFileName(index)}.hashes`;
 }
 
+export function deltaFileName(index: number): string {
+  return `${imageFileName(index)}.delta`;
+}
+
 export function isTlcFileName(name: string): boolean {
   return (
     name === DEVICE_FILE ||
@@ -99,6 +105,7 @@ export function isTlcFileName(name: string): boolean {
     IMAGE_FILE_RE.test(name) ||
     SUMS_FILE_RE.test(name) ||
     HASHES_FILE_RE.test(name) ||
+    DELTA_FILE_RE.test(name) ||
     DISK_LAYER_RE.test(name)
   );
 }
@@ -129,6 +136,14 @@ export interface ManifestBlock {
   hashesSha256?: string;
   /** Pages this checkpoint's image holds (changed since the parent; all data pages when full). */
   storedPages?: number;
+  /**
+   * Sub-page deltas (delta-file.ts): changed pages stored as their XOR with the parent's page,
+   * run-length encoded, in `block-<index>.img.delta` (a hole in the image there).
+   */
+  deltaFile?: string;
+  deltaSha256?: string;
+  deltaBytes?: number;
+  deltaPages?: number;
 }
 
 /** One qcow2 file of a disk's state, owned by the checkpoint that wrote it. */

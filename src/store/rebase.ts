@@ -56,6 +56,8 @@ export function rebaseCheckpoint(
     let storedBytes = 0;
     child.manifest.blocks.forEach((b, i) => {
       named.add(b.file).add(b.sumsFile);
+      // Deltas are against the parent that goes: the rebased image holds full pages.
+      if (b.deltaFile !== undefined) named.add(b.deltaFile);
       const np = newParent?.manifest.blocks[i];
       const npHashes = np?.hashesFile ? checkpointFilePath(newParent?.dir ?? '', np.hashesFile) : undefined;
       const rebased = rebaseBlock(chain, i, staging, b, npHashes);
@@ -146,8 +148,9 @@ function rebaseBlock(
     reader.close();
   }
   writeDurable(path.join(staging, old.sumsFile), sums);
+  const { deltaFile: _f, deltaSha256: _s, deltaBytes: _b, deltaPages: _p, ...kept } = old;
   return {
-    block: { ...old, sumsSha256: sha256Hex(sums), storedPages },
+    block: { ...kept, sumsSha256: sha256Hex(sums), storedPages },
     bytes: allocatedBytes(imageFile) + sums.length,
   };
 }

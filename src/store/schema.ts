@@ -12,7 +12,9 @@ import {
   PAGE_SIZE,
   SUMS_FILE_RE,
   HASHES_FILE_RE,
+  DELTA_FILE_RE,
   canonicalBody,
+  deltaFileName,
   hashesFileName,
   formatSupport,
   imageFileName,
@@ -175,6 +177,15 @@ function manifestSchema(strict: boolean) {
     hashesFile: z.string().regex(HASHES_FILE_RE, 'must be a tlc hashes file name').optional(),
     hashesSha256: sha256().optional(),
     storedPages: count().optional(),
+    deltaFile: z.string().regex(DELTA_FILE_RE, 'must be a tlc delta file name').optional(),
+    deltaSha256: sha256().optional(),
+    deltaBytes: z
+      .number()
+      .int()
+      .min(0)
+      .max(2 ** 42)
+      .optional(),
+    deltaPages: count().optional(),
   });
   return obj({
     magic: z.literal(MANIFEST_MAGIC),
@@ -302,6 +313,21 @@ function manifestSchema(strict: boolean) {
           code: 'custom',
           path: ['blocks', i, 'hashesFile'],
           message: 'missing (an incremental checkpoint has page hashes for every block)',
+        });
+      }
+      const delta = [b.deltaFile, b.deltaSha256, b.deltaBytes, b.deltaPages];
+      if (delta.some((v) => v !== undefined) && delta.some((v) => v === undefined)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'deltaFile'],
+          message: 'deltaFile, deltaSha256, deltaBytes and deltaPages come together',
+        });
+      }
+      if (b.deltaFile !== undefined && (b.deltaFile !== deltaFileName(i) || m.parent === undefined)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'deltaFile'],
+          message: `must be ${deltaFileName(i)}, in an incremental checkpoint`,
         });
       }
       if (b.storedPages !== undefined && b.storedPages > b.usedLength / PAGE_SIZE) {

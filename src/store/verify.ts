@@ -96,6 +96,8 @@ export function verifyCheckpoint(
     checkSmall(block.sumsFile, block.sumsSha256, { exact: sumsBytes(block.usedLength) });
     if (block.hashesFile !== undefined && block.hashesSha256 !== undefined)
       checkSmall(block.hashesFile, block.hashesSha256, { exact: hashesFileBytes(block.usedLength) });
+    if (block.deltaFile !== undefined && block.deltaSha256 !== undefined)
+      checkSmall(block.deltaFile, block.deltaSha256, { exact: block.deltaBytes ?? 0 });
     const label = `${block.file} (${block.name})`;
     const size = regularFile(block.file, label);
     if (size === undefined) continue;

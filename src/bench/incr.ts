@@ -7,7 +7,7 @@
  * - tlc's peak RSS against guest RAM size;
  * - a full and an incremental tlc checkpoint (to durable) against QEMU writing its stream to a file.
  *
- *   npm run bench:incr [-- --quick] [-- --mem 256 --interval-s 5,30 --count 4 --rss-sizes 256,1024,4096]
+ *   npm run bench:incr [-- --quick] [-- --mem 256 --interval-s 5,30 --count 4 --rss-sizes 256,1024,4096 --restore-mem 1024]
  *
  * Writes bench/out/incr-<timestamp>.json and prints a table.
  */

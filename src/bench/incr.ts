@@ -18,6 +18,7 @@ import { HASHES_HEADER_BYTES, HASH_BYTES } from '../store/page-hash.js';
 import { type Manifest, PAGE_SIZE } from '../store/manifest.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { killVm, startVm } from '../vm/manager.js';
+import { restoreCheckpoint } from '../restore/restore.js';
 import { runQemuMigration } from './baseline.js';
 import { runMeasured } from './measure.js';
 import { benchWorkspace, saveResult } from './workspace.js';
@@ -197,6 +198,48 @@ async function bySize(ramMiB: number): Promise<SizeRow> {
   }
 }
 
+interface RestoreRow {
+  ramMiB: number;
+  chainLength: number;
+  lazyMs: number;
+  eagerMs: number;
+}
+
+/** Restore time (the call until the guest runs) against the length of the chain behind it. */
+async function restoreByChain(ramMiB: number): Promise<RestoreRow[]> {
+  const vm = `r${ramMiB}`;
+  await startVm({
+    name: vm,
+    memMiB: ramMiB,
+    workload: `memverify:${Math.round(ramMiB / 2)}:2000`,
+    accel: 'tcg',
+  });
+  const ckpts: StoredCheckpoint[] = [];
+  try {
+    await sleep(Math.max(3000, ramMiB * 4));
+    for (let i = 0; i < 5; i++) {
+      ckpts.push((await checkpoint(vm, ['--mode', 'live'])).ckpt);
+      await sleep(1000);
+    }
+  } finally {
+    await killVm(vm).catch(() => undefined);
+  }
+  const rows: RestoreRow[] = [];
+  for (const [i, c] of ckpts.entries()) {
+    const times: number[] = [];
+    for (const eager of [false, true]) {
+      const name = `${vm}-${i}-${eager ? 'e' : 'l'}`;
+      const t0 = performance.now();
+      await restoreCheckpoint({ ref: c.id, store, name, eager });
+      times.push(performance.now() - t0);
+      await killVm(name).catch(() => undefined);
+    }
+    rows.push({ ramMiB, chainLength: i + 1, lazyMs: times[0] ?? 0, eagerMs: times[1] ?? 0 });
+  }
+  store.removeAllOf(vm);
+  return rows;
+}
+
 async function main(): Promise<void> {
   const started = new Date().toISOString();
   const rows: SeriesRow[] = [];
@@ -220,11 +263,16 @@ async function main(): Promise<void> {
         `QEMU stop + stream to file (fdatasync) ${s.qemuToFileMs.toFixed(0)} ms\n`,
     );
   }
+  const restores = await restoreByChain(Number(argValue('--restore-mem') ?? 1024));
+  for (const r of restores)
+    process.stdout.write(
+      `restore of a ${r.ramMiB} MiB guest from a chain of ${r.chainLength}: lazy ${r.lazyMs.toFixed(0)} ms, eager ${r.eagerMs.toFixed(0)} ms (call to running)\n`,
+    );
   const file = saveResult(
     'incr',
     started,
     'json',
-    JSON.stringify({ started, memMiB: MEM_MIB, rows, sizes }, null, 2),
+    JSON.stringify({ started, memMiB: MEM_MIB, rows, sizes, restores }, null, 2),
   );
   process.stdout.write(`wrote ${file}\n`);
 }

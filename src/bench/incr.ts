@@ -69,6 +69,8 @@ interface SeriesRow {
   deltaPages: number;
   durableMs: number;
   peakRssMiB: number;
+  /** Live mode on TCG: the fix-up comparing guest RAM with what was received (guest stopped). */
+  tcgFixup?: { pages: number; ms: number };
 }
 
 function hashesOf(c: StoredCheckpoint, block: number): BigUint64Array {
@@ -134,6 +136,7 @@ async function series(workload: string, deltas: boolean, intervalS: number): Pro
           deltaPages: ckpt.manifest.blocks.reduce((n, b) => n + (b.deltaPages ?? 0), 0),
           durableMs: ckpt.manifest.metrics.durableMs,
           peakRssMiB: peakRss / MiB,
+          ...(ckpt.manifest.metrics.tcgFixup ? { tcgFixup: ckpt.manifest.metrics.tcgFixup } : {}),
         });
       }
       parent = ckpt;
@@ -249,7 +252,7 @@ async function main(): Promise<void> {
       rows.push(...got);
       for (const r of got)
         process.stdout.write(
-          `${r.workload.padEnd(20)} deltas=${r.deltas ? 'on ' : 'off'} every ${r.intervalS}s #${r.index}: changed ${(r.changedBytes / MiB).toFixed(2)} MiB, stored ${(r.storedRamBytes / MiB).toFixed(2)} MiB, ratio ${r.ratio.toFixed(3)}, ${r.deltaPages} delta pages, durable ${r.durableMs.toFixed(0)} ms, peak RSS ${r.peakRssMiB.toFixed(0)} MiB\n`,
+          `${r.workload.padEnd(20)} deltas=${r.deltas ? 'on ' : 'off'} every ${r.intervalS}s #${r.index}: changed ${(r.changedBytes / MiB).toFixed(2)} MiB, stored ${(r.storedRamBytes / MiB).toFixed(2)} MiB, ratio ${r.ratio.toFixed(3)}, ${r.deltaPages} delta pages, durable ${r.durableMs.toFixed(0)} ms, peak RSS ${r.peakRssMiB.toFixed(0)} MiB${r.tcgFixup ? `, TCG fix-up ${r.tcgFixup.pages} pages in ${r.tcgFixup.ms.toFixed(0)} ms` : ''}\n`,
         );
     }
   }

@@ -213,9 +213,13 @@ export function registerCheckpointCommands(program: Command): void {
       out(
         `  QEMU ${c.manifest.qemuVersion}, machine ${c.manifest.machineType}, ${c.manifest.vm.memMiB} MiB, ${c.manifest.vm.cpus} vCPU`,
       );
+      if (c.manifest.parent)
+        out(`  RAM builds on       ${c.manifest.parent} (incremental: only changed pages stored here)`);
       for (const b of c.manifest.blocks)
         out(
-          `  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages`,
+          `  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages` +
+            (b.storedPages !== undefined ? `, ${b.storedPages} stored here` : '') +
+            (b.deltaPages ? ` (${b.deltaPages} as sub-page deltas, ${formatBytes(b.deltaBytes ?? 0)})` : ''),
         );
       out(
         `  device state        ${formatBytes(c.manifest.device.bytes)} in ${c.manifest.device.sections} sections`,

@@ -19,6 +19,7 @@ import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
 import { GuestRam } from '../vm/guest-ram.js';
+import { vmDir } from '../vm/registry.js';
 import { modeSupport } from '../vm/memory-layout.js';
 import { type VmSpec, qemuArgv, ramBlockOf } from '../vm/spec.js';
 import { DiskCapture } from '../disk/capture.js';
@@ -263,7 +264,8 @@ async function runCheckpoint(
       maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024,
       neverCut: mode === 'cow',
       ...(parent ? { parent } : {}),
-      scratch: { dir: session.store.scratchDir(record.spec.name), id, ...(newest ? { newest } : {}) },
+      // The VM's own directory: host-local, whatever the store is, and removed with the VM.
+      scratch: { dir: path.join(vmDir(record.spec.name), 'scratch'), id, ...(newest ? { newest } : {}) },
       ...(opts.subPageDeltas === false ? { subPageDeltas: false } : {}),
     },
   );

@@ -234,7 +234,7 @@ describe('incremental checkpoints in the local store', () => {
     );
     assertHolds(store, k4, contents[4] as Content);
     assert.deepEqual(
-      fs.readdirSync(store.dir).filter((e) => e.startsWith('.') && e !== '.scratch'),
+      fs.readdirSync(store.dir).filter((e) => e.startsWith('.')),
       [],
       'no staging or rebase leftovers',
     );
@@ -242,7 +242,7 @@ describe('incremental checkpoints in the local store', () => {
 
   it('scratch files: kept for the newest checkpoint (zero records applied), cleared otherwise', async () => {
     const store = new CheckpointStore(path.join(base, 'scratch'));
-    const scratch: Omit<ScratchOptions, 'id'> = { dir: store.scratchDir(VM) };
+    const scratch: Omit<ScratchOptions, 'id'> = { dir: path.join(base, 'vm-scratch') };
     const c0 = initialContent();
     const c1 = mutate(c0, 1);
     const k0 = await take(store, c0, { scratch: { ...scratch, id: '' } });

@@ -10,7 +10,8 @@ import type { BlockSpec } from './staged.js';
 import type { StoredCheckpoint } from './store.js';
 
 /**
- * A VM's receive files, kept between its checkpoints (`<store>/.scratch/<vm>/block-<n>.img`).
+ * A VM's receive files, kept between its checkpoints (`<vm dir>/scratch/block-<n>.img`, on the
+ * host that runs the VM whatever the store is; they cost disk space of the guest's data once).
  *
  * Why: the first touch of a page costs a page fault, and on this nested-virtualization host a
  * fresh page costs far more than the copy (measured: pwrite into new page-cache pages 235-900
@@ -26,7 +27,7 @@ import type { StoredCheckpoint } from './store.js';
 const MARKER = 'holds.json';
 
 export interface ScratchOptions {
-  /** `<store>/.scratch/<vm>`. */
+  /** `<vm dir>/scratch`. */
   dir: string;
   /** The checkpoint being taken: the files hold it once finished. */
   id: string;

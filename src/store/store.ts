@@ -9,7 +9,6 @@ import { openManifest } from './schema.js';
 import { rebaseCheckpoint, recoverRebases } from './rebase.js';
 
 const STAGING_PREFIX = '.tmp-';
-const SCRATCH_DIR = '.scratch';
 
 export interface StoredCheckpoint {
   id: string;
@@ -72,11 +71,6 @@ export class CheckpointStore {
     } catch (err) {
       throw new PersistError('create store directory', this.dir, err);
     }
-  }
-
-  /** A VM's recycled receive files (scratch.ts): page cache kept warm between its checkpoints. */
-  scratchDir(vmName: string): string {
-    return path.join(this.dir, SCRATCH_DIR, vmName);
   }
 
   newId(vmName: string): string {
@@ -339,7 +333,6 @@ export class CheckpointStore {
     }
     const ids = doomed.map((c) => c.id);
     this.removeSet([...ids].reverse());
-    fs.rmSync(this.scratchDir(vmName), { recursive: true, force: true });
     return doomed.map((c) => ({ id: c.id, dir: c.dir }));
   }
 

@@ -148,6 +148,12 @@ describe('incremental checkpoints in the local store', () => {
     assert.ok(ram?.deltaPages !== undefined && ram.deltaPages > 200, `delta pages: ${ram?.deltaPages}`);
     assert.ok((ram.deltaBytes ?? 0) < ram.deltaPages * 16, `${ram.deltaBytes} bytes of deltas`);
     assert.equal(ram.storedPages, ram.deltaPages + 1, 'the page rewritten whole is a full page');
+    for (const k of ks.slice(2))
+      // (a changed byte that happens to equal the old one leaves its page unchanged: 1/256 each)
+      assert.ok(
+        (k.manifest.blocks[0]?.deltaPages ?? 0) >= ram.deltaPages - 5,
+        'deltas against a parent with deltas',
+      );
     ks.forEach((k, i) => assertHolds(store, k, contents[i] as Content));
     // Without deltas, the same change stores full pages.
     const plain = await take(store, touchBytes(contents[3] as Content, 4), {
@@ -245,7 +251,12 @@ describe('incremental checkpoints in the local store', () => {
     const scratch: Omit<ScratchOptions, 'id'> = { dir: path.join(base, 'vm-scratch') };
     const c0 = initialContent();
     const c1 = mutate(c0, 1);
-    const k0 = await take(store, c0, { scratch: { ...scratch, id: '' } });
+    // The first, full checkpoint goes straight into its own files; the second (incremental)
+    // fills the scratch files, which then hold it.
+    const first = await take(store, c0, { scratch: { ...scratch, id: '' } });
+    assert.equal(fs.existsSync(path.join(scratch.dir, 'holds.json')), false);
+    const k0 = await take(store, c0, { parent: first, scratch: { ...scratch, id: '', newest: first } });
+    assert.equal(k0.manifest.blocks[0]?.storedPages, 0, 'nothing changed');
     // Only what changed is sent (QEMU sends everything; the content must not depend on it).
     const changed = (b: number, p: number): boolean =>
       (c0[b] as Buffer).compare(

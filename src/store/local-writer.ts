@@ -21,7 +21,13 @@ import { ChainBlockReader, compatibleParent, ramChain } from './chain.js';
 import { DeltaFileWriter } from './delta-file.js';
 import { encodeXorDelta } from './xor-delta.js';
 import { readManifest } from './store.js';
-import { type ScratchBlock, type ScratchOptions, markScratch, openScratch } from './scratch.js';
+import {
+  type ScratchBlock,
+  type ScratchOptions,
+  markScratch,
+  openScratch,
+  scratchHoldsNewest,
+} from './scratch.js';
 import { allocatedBytes, openNew, readFull, writeDurable, writeFull } from './fileio.js';
 
 /** Longest run of consecutive pages gathered before one pwrite. */
@@ -51,6 +57,7 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
   private writers: LocalBlockWriter[] = [];
   private blobs: BlobInfo[] = [];
   private parentOf: StoredCheckpoint | undefined;
+  private useScratch = false;
 
   constructor(
     private readonly staging: string,
@@ -61,7 +68,13 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
     // Incremental only when the parent has every block, same size, with page hashes.
     const parent = this.opts.parent;
     this.parentOf = parent && compatibleParent(parent, blocks) ? parent : undefined;
-    if (this.opts.scratch) {
+    // A full checkpoint without warm receive files goes straight into its published files: one
+    // set of fresh pages instead of two (scratch, then the copy). The scratch files then stay as
+    // they are (stale), and the next checkpoint refills them.
+    this.useScratch =
+      this.opts.scratch !== undefined &&
+      (this.parentOf !== undefined || scratchHoldsNewest(this.opts.scratch, blocks));
+    if (this.opts.scratch && this.useScratch) {
       const files = openScratch(this.opts.scratch, blocks);
       this.writers = blocks.map((b, i) => {
         const f = files[i] as ScratchBlock;
@@ -96,7 +109,7 @@ export class LocalStagedCheckpoint implements StagedCheckpoint {
       // Lets the event loop breathe between blocks (QMP events, signals).
       await new Promise((r) => setImmediate(r));
     }
-    if (this.opts.scratch) markScratch(this.opts.scratch.dir, this.opts.scratch.id);
+    if (this.opts.scratch && this.useScratch) markScratch(this.opts.scratch.dir, this.opts.scratch.id);
     return { blocks, bytesStored, ...(this.parentOf ? { parent: this.parentOf.id } : {}) };
   }
 

@@ -42,17 +42,23 @@ export interface ScratchBlock {
   maybeData: Uint8Array;
 }
 
-/** Opens the receive files for `blocks`, keeping their contents only when the marker allows. */
-export function openScratch(opts: ScratchOptions, blocks: readonly BlockSpec[]): ScratchBlock[] {
-  fs.mkdirSync(opts.dir, { recursive: true, mode: PRIVATE_DIR_MODE });
-  const marker = path.join(opts.dir, MARKER);
-  const held = readMarker(marker);
-  const keep =
+/** Whether the receive files hold the VM's newest checkpoint (their page cache is then warm too). */
+export function scratchHoldsNewest(opts: ScratchOptions, blocks: readonly BlockSpec[]): boolean {
+  const held = readMarker(path.join(opts.dir, MARKER));
+  return (
     opts.newest !== undefined &&
     held?.id === opts.newest.id &&
     held.boot === bootId() &&
     compatibleParent(opts.newest, blocks) &&
-    hashesIntact(opts.newest);
+    hashesIntact(opts.newest)
+  );
+}
+
+/** Opens the receive files for `blocks`, keeping their contents only when they hold the newest checkpoint. */
+export function openScratch(opts: ScratchOptions, blocks: readonly BlockSpec[]): ScratchBlock[] {
+  fs.mkdirSync(opts.dir, { recursive: true, mode: PRIVATE_DIR_MODE });
+  const marker = path.join(opts.dir, MARKER);
+  const keep = scratchHoldsNewest(opts, blocks);
   // From here on the files change: the marker goes first, durably.
   fs.rmSync(marker, { force: true });
   fsyncDir(opts.dir);

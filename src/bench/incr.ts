@@ -7,7 +7,7 @@
  * - tlc's peak RSS against guest RAM size;
  * - a full and an incremental tlc checkpoint (to durable) against QEMU writing its stream to a file.
  *
- *   npm run bench:incr [-- --quick] [-- --mem 256 --interval-s 5,30 --count 4 --rss-sizes 256,1024,4096 --restore-mem 1024]
+ *   npm run bench:incr [-- --quick] [-- --mem 256 --interval-s 5,30 --count 4 --rss-sizes 256,1024,4096 --restore-mem 1024 --parts series,sizes,restore]
  *
  * Writes bench/out/incr-<timestamp>.json and prints a table.
  */
@@ -34,6 +34,8 @@ const COUNT = Number(argValue('--count') ?? (quick ? 3 : 4));
 const RSS_SIZES = (argValue('--rss-sizes') ?? (quick ? '256,1024' : '256,1024,4096')).split(',').map(Number);
 const TLC_BIN = path.resolve(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js');
 const MiB = 1024 * 1024;
+/** `--parts series,sizes,restore` (default all) runs only some of the measurements. */
+const PARTS = new Set((argValue('--parts') ?? 'series,sizes,restore').split(','));
 
 const workspace = benchWorkspace('incr');
 const store = new CheckpointStore();
@@ -246,7 +248,7 @@ async function restoreByChain(ramMiB: number): Promise<RestoreRow[]> {
 async function main(): Promise<void> {
   const started = new Date().toISOString();
   const rows: SeriesRow[] = [];
-  for (const intervalS of INTERVALS_S) {
+  for (const intervalS of PARTS.has('series') ? INTERVALS_S : []) {
     for (const { workload, deltas } of workloads()) {
       const got = await series(workload, deltas, intervalS);
       rows.push(...got);
@@ -257,7 +259,7 @@ async function main(): Promise<void> {
     }
   }
   const sizes: SizeRow[] = [];
-  for (const ramMiB of RSS_SIZES) {
+  for (const ramMiB of PARTS.has('sizes') ? RSS_SIZES : []) {
     const s = await bySize(ramMiB);
     sizes.push(s);
     process.stdout.write(
@@ -266,7 +268,9 @@ async function main(): Promise<void> {
         `QEMU stop + stream to file (fdatasync) ${s.qemuToFileMs.toFixed(0)} ms\n`,
     );
   }
-  const restores = await restoreByChain(Number(argValue('--restore-mem') ?? 1024));
+  const restores = PARTS.has('restore')
+    ? await restoreByChain(Number(argValue('--restore-mem') ?? 1024))
+    : [];
   for (const r of restores)
     process.stdout.write(
       `restore of a ${r.ramMiB} MiB guest from a chain of ${r.chainLength}: lazy ${r.lazyMs.toFixed(0)} ms, eager ${r.eagerMs.toFixed(0)} ms (call to running)\n`,

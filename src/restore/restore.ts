@@ -10,6 +10,7 @@ import type { QmpClient } from '../qmp/client.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { checkpointFilePath } from '../store/manifest.js';
 import { assembleBlock, ramChain } from '../store/chain.js';
+import { adoptScratchImage } from '../store/scratch.js';
 import { loadSigningKey } from '../store/sign.js';
 import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
 import type { Accel } from '../vm/spec.js';
@@ -20,7 +21,15 @@ import { kill, waitExit } from '../vm/process.js';
 import { findQemu, listMachines } from '../vm/qemu.js';
 import { restoreDisks } from '../disk/restore-disks.js';
 import { restoreLibvirtDomain } from './libvirt-restore.js';
-import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm, vmDir } from '../vm/registry.js';
+import {
+  type VmRecord,
+  claimVmName,
+  runtimePaths,
+  saveVm,
+  tryLoadVm,
+  vmDir,
+  vmState,
+} from '../vm/registry.js';
 import { type VmSpec, ramBlockOf, validateVmName } from '../vm/spec.js';
 import { assertCompatible } from './compat.js';
 import { type SynthesisStats, synthesizeStream } from './synthesize.js';
@@ -137,10 +146,21 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     const started = performance.now();
     ramImage = path.join(vmDir(name), 'ram.img');
     fs.rmSync(ramImage, { force: true });
-    const bytes = assembleBlock(chain, m.blocks.indexOf(ramBlock), ramImage);
-    log(
-      `assembled RAM from a chain of ${chain.length} checkpoints: ${(bytes / 2 ** 20).toFixed(1)} MiB in ${(performance.now() - started).toFixed(0)} ms`,
-    );
+    const index = m.blocks.indexOf(ramBlock);
+    // The checkpointed VM's receive files may hold exactly this checkpoint (its newest, the VM
+    // gone since): then they become the image, checked page by page against its hashes.
+    const source = tryLoadVm(m.vm.name);
+    const sourceIdle = !source || vmState(source) !== 'running';
+    if (sourceIdle && adoptScratchImage(path.join(vmDir(m.vm.name), 'scratch'), ckpt, index, ramImage)) {
+      log(
+        `RAM image: ${m.vm.name}'s receive file, which holds ${ckpt.id} (${(performance.now() - started).toFixed(0)} ms)`,
+      );
+    } else {
+      const bytes = assembleBlock(chain, index, ramImage);
+      log(
+        `assembled RAM from a chain of ${chain.length} checkpoints: ${(bytes / 2 ** 20).toFixed(1)} MiB in ${(performance.now() - started).toFixed(0)} ms`,
+      );
+    }
   }
   const spec: VmSpec = {
     ...m.vm,

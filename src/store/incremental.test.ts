@@ -13,7 +13,7 @@ import { TlcError } from '../core/errors.js';
 import { assembleBlock, ramChain } from './chain.js';
 import { LocalStagedCheckpoint, type LocalStagingOptions } from './local-writer.js';
 import { CONFIG_FILE, DEVICE_FILE, MANIFEST_FILE, PAGE_SIZE, sealManifest, sha256Hex } from './manifest.js';
-import type { ScratchOptions } from './scratch.js';
+import { type ScratchOptions, adoptScratchImage } from './scratch.js';
 import { CheckpointStore, type StoredCheckpoint } from './store.js';
 import { fixtureManifest } from './testing.js';
 import { verifyCheckpoint } from './verify.js';
@@ -272,6 +272,19 @@ describe('incremental checkpoints in the local store', () => {
       send: changed,
     });
     assertHolds(store, k1, c1);
+    // Restore's shortcut: the files hold k1 exactly, so its RAM file can become the image (once).
+    const dest = path.join(base, 'adopted.img');
+    assert.equal(adoptScratchImage(scratch.dir, k0, 0, dest), false, 'not for another checkpoint');
+    const ramFile = path.join(scratch.dir, 'block-0.img');
+    const keep = fs.readFileSync(ramFile);
+    const flipped = Buffer.from(keep);
+    flipped[5] = (flipped[5] as number) ^ 1;
+    fs.writeFileSync(ramFile, flipped);
+    assert.equal(adoptScratchImage(scratch.dir, k1, 0, dest), false, 'not when a page differs from its hash');
+    fs.writeFileSync(ramFile, keep);
+    assert.equal(adoptScratchImage(scratch.dir, k1, 0, dest), true);
+    assert.ok(fs.readFileSync(dest).equals(c1[0] as Buffer));
+    assert.equal(adoptScratchImage(scratch.dir, k1, 0, dest + '2'), false, 'only once');
     // Not the newest checkpoint the files hold: cleared, so unsent pages read as zeros.
     const k2 = await take(store, c1, { scratch: { ...scratch, id: '', newest: k0 }, send: changed });
     const ram = assembled(store, k2, 0);

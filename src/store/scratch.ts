@@ -5,7 +5,7 @@ import { PRIVATE_DIR_MODE, PRIVATE_FILE_MODE } from '../core/paths.js';
 import { compatibleParent } from './chain.js';
 import { readFull } from './fileio.js';
 import { PAGE_SIZE, SUMS_CHUNK_BYTES, checkpointFilePath, type ManifestBlock } from './manifest.js';
-import { HASHES_HEADER_BYTES, HASH_BYTES, ZERO_HASH } from './page-hash.js';
+import { HASHES_HEADER_BYTES, HASH_BYTES, ZERO_HASH, hashPages } from './page-hash.js';
 import type { BlockSpec } from './staged.js';
 import type { StoredCheckpoint } from './store.js';
 
@@ -135,5 +135,69 @@ function nonZeroPages(ckpt: StoredCheckpoint, index: number, out: Uint8Array): v
     }
   } finally {
     fs.closeSync(fd);
+  }
+}
+
+/**
+ * Restore's shortcut: when a VM's receive files hold exactly checkpoint `ckpt` (its marker, this
+ * boot, every page matching the checkpoint's page hashes), block `index`'s file is renamed to
+ * `dest` and becomes the restored VM's RAM image: no assembly, and its page cache is warm. The
+ * marker goes first, so the files are never trusted again. Returns false (nothing changed but,
+ * possibly, the marker) when anything does not hold. Never call it while the VM may checkpoint.
+ */
+export function adoptScratchImage(dir: string, ckpt: StoredCheckpoint, index: number, dest: string): boolean {
+  const marker = path.join(dir, MARKER);
+  const held = readMarker(marker);
+  const b = ckpt.manifest.blocks[index];
+  if (!b?.hashesFile || held?.id !== ckpt.id || held.boot !== bootId() || !hashesIntact(ckpt)) return false;
+  const file = path.join(dir, `block-${index}.img`);
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return false;
+  }
+  try {
+    if (fs.fstatSync(fd).size !== b.usedLength || !matchesHashes(fd, file, ckpt, b)) return false;
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.rmSync(marker, { force: true });
+  fsyncDir(dir);
+  try {
+    fs.renameSync(file, dest);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Every page of the open file `fd` hashes as `b`'s page hashes say. */
+function matchesHashes(fd: number, file: string, ckpt: StoredCheckpoint, b: ManifestBlock): boolean {
+  const hfile = checkpointFilePath(ckpt.dir, b.hashesFile ?? '');
+  const hfd = fs.openSync(hfile, 'r');
+  const chunk = Buffer.allocUnsafe(SUMS_CHUNK_BYTES);
+  const pagesPerChunk = SUMS_CHUNK_BYTES / PAGE_SIZE;
+  const want = new BigUint64Array(pagesPerChunk);
+  const wantBytes = Buffer.from(want.buffer);
+  const got = new BigUint64Array(pagesPerChunk);
+  try {
+    for (let at = 0; at < b.usedLength; at += SUMS_CHUNK_BYTES) {
+      const len = Math.min(SUMS_CHUNK_BYTES, b.usedLength - at);
+      const pages = Math.ceil(len / PAGE_SIZE);
+      readFull(fd, chunk, len, at, file);
+      readFull(
+        hfd,
+        wantBytes,
+        pages * HASH_BYTES,
+        HASHES_HEADER_BYTES + (at / PAGE_SIZE) * HASH_BYTES,
+        hfile,
+      );
+      hashPages(chunk, len, got);
+      for (let p = 0; p < pages; p++) if (got[p] !== want[p]) return false;
+    }
+    return true;
+  } finally {
+    fs.closeSync(hfd);
   }
 }

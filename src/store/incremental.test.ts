@@ -251,10 +251,9 @@ describe('incremental checkpoints in the local store', () => {
     const scratch: Omit<ScratchOptions, 'id'> = { dir: path.join(base, 'vm-scratch') };
     const c0 = initialContent();
     const c1 = mutate(c0, 1);
-    // The first, full checkpoint goes straight into its own files; the second (incremental)
-    // fills the scratch files, which then hold it.
+    // Even the first, full checkpoint is received into the scratch files, which then hold it.
     const first = await take(store, c0, { scratch: { ...scratch, id: '' } });
-    assert.equal(fs.existsSync(path.join(scratch.dir, 'holds.json')), false);
+    assert.equal(fs.existsSync(path.join(scratch.dir, 'holds.json')), true);
     const k0 = await take(store, c0, { parent: first, scratch: { ...scratch, id: '', newest: first } });
     assert.equal(k0.manifest.blocks[0]?.storedPages, 0, 'nothing changed');
     // Only what changed is sent (QEMU sends everything; the content must not depend on it).

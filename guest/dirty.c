@@ -1,5 +1,5 @@
 /*
- * dirty <MiB> <random|stream|hotcold> — a page-dirtying load for checkpoint benchmarks.
+ * dirty <MiB> <random|stream|hotcold|bytes> — a page-dirtying load for checkpoint benchmarks.
  *
  * Each update stores the running update counter into one 8-byte word of one page; that
  * is enough to make the hypervisor see the whole 4 KiB page as dirty. The pattern
@@ -7,6 +7,9 @@
  *   random   uniform over the working set
  *   stream   every page in order, wrapping (worst case for incremental copies)
  *   hotcold  90% of updates hit the first 10% of pages, 10% hit the rest
+ *   bytes    pages filled with pseudo-random bytes first; then every page in order gets one
+ *            byte incremented (like QEMU's migration-test guest): a sub-page change, for
+ *            measuring sub-page deltas (a page-level copy stores 4096 bytes for 1 changed)
  *
  * Output (one write per line, ~every 100 ms):
  *   dirty: heartbeat seq=<n> updates=<total> rate=<updates/s over the last interval> maxstall_us=<n>
@@ -18,7 +21,7 @@
 #define PAGE 4096u
 #define BATCH 64u /* updates between clock reads: keeps clock_gettime out of the hot path */
 
-enum pattern { RANDOM, STREAM, HOTCOLD };
+enum pattern { RANDOM, STREAM, HOTCOLD, BYTES };
 
 int main(int argc, char **argv) {
   if (argc != 3) {
@@ -30,8 +33,9 @@ int main(int argc, char **argv) {
   if (!strcmp(argv[2], "random")) pat = RANDOM;
   else if (!strcmp(argv[2], "stream")) pat = STREAM;
   else if (!strcmp(argv[2], "hotcold")) pat = HOTCOLD;
+  else if (!strcmp(argv[2], "bytes")) pat = BYTES;
   else {
-    say("dirty: bad pattern '%s' (want random, stream or hotcold)", argv[2]);
+    say("dirty: bad pattern '%s' (want random, stream, hotcold or bytes)", argv[2]);
     return 2;
   }
   if (mib == 0 || mib > 1024 * 1024) {
@@ -47,6 +51,10 @@ int main(int argc, char **argv) {
   }
   /* Fault every page in first, so the measured rate is dirtying, not page faults. */
   for (uint64_t i = 0; i < npages; i++) region[i * PAGE] = 1;
+  if (pat == BYTES) { /* incompressible pages, so only the changed byte is new */
+    uint64_t fill = 0x2545F4914F6CDD1DULL;
+    for (uint64_t w = 0; w < npages * (PAGE / 8); w++) ((uint64_t *)region)[w] = xorshift64star(&fill);
+  }
   say("dirty: ready pages=%llu pattern=%s", (unsigned long long)npages, argv[2]);
 
   uint64_t rng = 0x9E3779B97F4A7C15ULL, cursor = 0, updates = 0, seq = 0;
@@ -57,6 +65,12 @@ int main(int argc, char **argv) {
     for (unsigned b = 0; b < BATCH; b++) {
       uint64_t p;
       switch (pat) {
+        case BYTES:
+          /* One byte per page, every page in turn: the only change a lap makes to a page. */
+          region[cursor * PAGE + 64]++;
+          cursor = cursor + 1 == npages ? 0 : cursor + 1;
+          updates++;
+          continue;
         case STREAM:
           p = cursor;
           cursor = cursor + 1 == npages ? 0 : cursor + 1;

@@ -64,7 +64,7 @@ workload_cmd() {
     dirty)
       if [ $# -eq 3 ] && is_num "$2"; then
         case "$3" in
-          random | stream | hotcold) echo "/bin/dirty $2 $3" ;;
+          random | stream | hotcold | bytes) echo "/bin/dirty $2 $3" ;;
         esac
       fi
       ;;

@@ -278,7 +278,7 @@ function renderHtml(stamp: Record<string, unknown>, runs: Run[]): string {
 method's window (from its start until it returned), against the guest's rate over the 2 s before.
 Downtime: tlc = STOP→RESUME events (includes the TCG fix-up); QEMU = its reported downtime; stop and save = the whole run.</p>
 <pre>${esc(JSON.stringify(stamp, null, 1))}</pre>
-<table><tr><th>guest · host</th><th>method</th><th>deadline met / finished</th><th>total ms</th><th>downtime ms</th><th>guest work lost ms</th><th>forced</th><th>max throttle %</th><th>setup ms (tlc: after warm-up)</th></tr>
+<table><tr><th>guest · host</th><th>method</th><th>deadline met / finished</th><th>total ms</th><th>downtime ms</th><th>guest work lost ms</th><th>forced</th><th>max throttle %</th><th>setup ms</th></tr>
 ${body}
 </table>`;
 }

@@ -20,11 +20,12 @@ import { FIXTURES, loadFixture, type FixtureName } from '../stream/fixtures/inde
 import { StreamModel, parseStream } from '../stream/fixtures/model.js';
 import { MigrationStreamReader, type RamBlockInfo } from '../stream/reader.js';
 import { MigrationStreamWriter } from '../stream/writer.js';
-import { SEGMENT_BYTES } from './page-table.js';
 import { CheckpointReceiver, type ReceivedCheckpoint } from './receiver.js';
 
 const PAGE = 4096;
 const MiB = 1024 * 1024;
+/** Guest RAM beyond 1 GiB: offsets past 32 bits of pages and past the old page table's segment. */
+const SEGMENT_BYTES = 1024 * MiB;
 const SUMS_HEADER_BYTES = 16;
 const HASH_BYTES = 32;
 /** Slack for file system metadata counted in st_blocks (ext4 extent tree blocks). */
@@ -211,7 +212,9 @@ async function receiveAndCheck(
     ...(model.deviceInfo?.runstate ? { runstate: model.deviceInfo.runstate } : {}),
   });
   // Nothing beyond the files the manifest will name.
-  const files = got.blocks.flatMap((b) => [b.file, b.sumsFile]).concat(CONFIG_FILE, DEVICE_FILE);
+  const files = got.blocks
+    .flatMap((b) => [b.file, b.sumsFile, b.hashesFile ?? ''])
+    .concat(CONFIG_FILE, DEVICE_FILE);
   assert.deepEqual(fs.readdirSync(staging).sort(), files.sort());
   return { model, got, allocated };
 }

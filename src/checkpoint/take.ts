@@ -20,6 +20,7 @@ import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { writeFileAtomic } from '../core/fsutil.js';
 import { lastHeartbeatSeq } from '../vm/console.js';
 import { GuestRam } from '../vm/guest-ram.js';
+import { vmDir } from '../vm/registry.js';
 import { modeSupport } from '../vm/memory-layout.js';
 import { type VmSpec, qemuArgv, ramBlockOf } from '../vm/spec.js';
 import { DiskCapture } from '../disk/capture.js';
@@ -84,6 +85,10 @@ export interface CheckpointOptions {
   allowInconsistentDisks?: boolean;
   /** HMAC key file; default `$TLC_SIGN_KEY`, else the per-user key (created on first use). */
   signKeyFile?: string;
+  /** Store every page, not only those changed since the VM's newest checkpoint. */
+  full?: boolean;
+  /** Changed pages as XOR deltas against the parent's where that halves them (default on). */
+  subPageDeltas?: boolean;
 }
 
 /**
@@ -210,9 +215,7 @@ async function runCheckpoint(
   let switchover: Promise<void> | undefined;
   let unthrottled: Promise<void> | undefined;
 
-  // The deadline clock starts once tlc is ready to receive (after the warm-up below): setup that
-  // does not depend on the guest is reported apart and does not eat the deadline.
-  let t0 = performance.now();
+  const t0 = performance.now();
   const now = (): number => performance.now() - t0;
   const marks: StageMarks = { mode, passes: 0 };
   let resumed: Promise<void> | undefined;
@@ -241,6 +244,12 @@ async function runCheckpoint(
       );
     }
   };
+  // Incremental by default: only what changed since the VM's newest checkpoint is stored.
+  const newest = session.store
+    .list()
+    .filter((c) => c.manifest.vm.name === record.spec.name)
+    .at(-1);
+  const parent = opts.full ? undefined : newest;
   const receiver = new CheckpointReceiver(
     staging,
     {
@@ -259,7 +268,14 @@ async function runCheckpoint(
         }
       },
     },
-    { maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024, neverCut: mode === 'cow' },
+    {
+      maxRamBytes: (record.spec.memMiB + 512) * 1024 * 1024,
+      neverCut: mode === 'cow',
+      ...(parent ? { parent } : {}),
+      // The VM's own directory: host-local, whatever the store is, and removed with the VM.
+      scratch: { dir: path.join(vmDir(record.spec.name), 'scratch'), id, ...(newest ? { newest } : {}) },
+      ...(opts.subPageDeltas === false ? { subPageDeltas: false } : {}),
+    },
   );
   session.receiver = receiver;
 
@@ -332,16 +348,8 @@ async function runCheckpoint(
         `and a fixed stop cost of ${controller.fixedDowntimeMs.toFixed(0)} ms`,
     );
   }
-  let warmUpMs = 0;
   try {
     const migrateUri = await session.guard(session.migrationTarget(receiver));
-    warmUpMs = await session.guard(
-      receiver.warmUp(ramBlockOf(record.spec), record.spec.memMiB * 1024 * 1024),
-    );
-    stage(
-      `page table ready: ${record.spec.memMiB} MiB faulted in ${warmUpMs.toFixed(0)} ms (before QEMU starts sending)`,
-    );
-    t0 = performance.now();
     session.throwIfInterrupted();
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
@@ -447,11 +455,12 @@ async function runCheckpoint(
       configSha256: received.configSha256,
       device: received.device,
       vmWasRunning: wasRunning,
+      ...(received.parent ? { parent: received.parent } : {}),
+      storedBytes: received.bytesStored,
       metrics: {
         ...stageMetrics(marks, received.bytesStored, info),
         // Data files are fsynced here; the returned copy below says when the rename made it all durable.
         durableMs: now(),
-        warmUpMs,
         ...(disks.active
           ? {
               disk: {

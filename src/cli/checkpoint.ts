@@ -7,6 +7,7 @@ import { checkSignature, loadSigningKey } from '../store/sign.js';
 import { CheckpointStore, type DiskChain, type StoredCheckpoint, diskLayerBytes } from '../store/store.js';
 import { type VmRecord, listVms, vmState } from '../vm/registry.js';
 import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
+import { verifyRamChain } from '../store/verify-chain.js';
 import { formatBytes, formatMs, note, printJson, printTable } from './output.js';
 import { ProgressLine } from './progress.js';
 import { parseDuration, parseRate } from './units.js';
@@ -116,6 +117,8 @@ export function registerCheckpointCommands(program: Command): void {
       '--sign-key <file>',
       'HMAC key to sign the checkpoint with (default: $TLC_SIGN_KEY or ~/.config/tlc/sign.key, created on first use)',
     )
+    .option('--full', "store every page (default: only pages changed since the VM's newest checkpoint)")
+    .option('--no-deltas', 'store changed pages whole, never as sub-page deltas against the parent')
     .option('--store <dir>', STORE_HELP)
     .option('--json', 'print the manifest as JSON')
     .action(async (vm: string, o: StoreFlags & Record<string, string | undefined>) => {
@@ -133,6 +136,8 @@ export function registerCheckpointCommands(program: Command): void {
             ...(o.deadline ? { deadlineMs: parseDuration(o.deadline, '--deadline') } : {}),
             ...(o.maxBandwidth ? { maxBandwidthBps: parseRate(o.maxBandwidth, '--max-bandwidth') } : {}),
             timeoutMs: parseDuration(o.timeout as string, '--timeout'),
+            full: Boolean(o.full),
+            ...((o.deltas as unknown) === false ? { subPageDeltas: false } : {}),
             onProgress: progress.update,
             onStage: progress.line,
           }),
@@ -155,16 +160,29 @@ export function registerCheckpointCommands(program: Command): void {
     .option('--json', 'print as JSON')
     .action((o: StoreFlags) => {
       const all = storeOf(o).list();
-      if (o.json) return printJson(all.map((c) => ({ id: c.id, dir: c.dir, ...summary(c.manifest) })));
+      const chainBytes = chainBytesOf(all);
+      if (o.json)
+        return printJson(
+          all.map((c) => ({
+            id: c.id,
+            dir: c.dir,
+            ...summary(c.manifest),
+            parent: c.manifest.parent ?? null,
+            storedBytes: storedBytesOf(c.manifest),
+            chainBytes: chainBytes.get(c.id) ?? null,
+          })),
+        );
       printTable(
-        ['ID', 'VM', 'MODE', 'CREATED', 'RAM', 'STORED', 'DISKS', 'DOWNTIME'],
+        ['ID', 'VM', 'MODE', 'CREATED', 'RAM', 'PARENT', 'STORED', 'CHAIN', 'DISKS', 'DOWNTIME'],
         all.map((c) => [
           c.id,
           c.manifest.vm.name,
           c.manifest.mode,
           c.manifest.createdAt.replace('T', ' ').slice(0, 19),
           `${c.manifest.vm.memMiB}M`,
-          formatBytes(c.manifest.metrics.bytesStored),
+          c.manifest.parent ? c.manifest.parent.slice(c.manifest.vm.name.length + 1) : '-',
+          formatBytes(storedBytesOf(c.manifest)),
+          chainBytes.has(c.id) ? formatBytes(chainBytes.get(c.id) as number) : 'BROKEN',
           diskBytesOf(c.manifest) === undefined ? '-' : formatBytes(diskBytesOf(c.manifest) as number),
           `${c.manifest.metrics.stage3.downtimeMs.toFixed(1)} ms`,
         ]),
@@ -201,9 +219,13 @@ export function registerCheckpointCommands(program: Command): void {
       out(
         `  QEMU ${c.manifest.qemuVersion}, machine ${c.manifest.machineType}, ${c.manifest.vm.memMiB} MiB, ${c.manifest.vm.cpus} vCPU`,
       );
+      if (c.manifest.parent)
+        out(`  RAM builds on       ${c.manifest.parent} (incremental: only changed pages stored here)`);
       for (const b of c.manifest.blocks)
         out(
-          `  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages`,
+          `  block ${b.name.padEnd(24)} ${formatBytes(b.usedLength).padStart(10)}  ${b.dataPages} data pages` +
+            (b.storedPages !== undefined ? `, ${b.storedPages} stored here` : '') +
+            (b.deltaPages ? ` (${b.deltaPages} as sub-page deltas, ${formatBytes(b.deltaBytes ?? 0)})` : ''),
         );
       out(
         `  device state        ${formatBytes(c.manifest.device.bytes)} in ${c.manifest.device.sections} sections`,
@@ -225,10 +247,9 @@ export function registerCheckpointCommands(program: Command): void {
       const ckpt = store.resolve(ref);
       const opts = { ...(key ? { key } : {}), allowUnsigned: Boolean(o.allowUnsigned) };
       const chains = store.diskChains(ckpt);
-      const report = verifyDiskChains(store, chains, verifyCheckpoint(ckpt, true, opts), (parent) =>
-        verifyCheckpoint(parent, true, opts),
-      );
-      if (o.json) printJson(report);
+      const ram = verifyRamChain(store, ckpt, (c) => verifyCheckpoint(c, true, opts));
+      const report = verifyDiskChains(store, chains, ram, (parent) => verifyCheckpoint(parent, true, opts));
+      if (o.json) printJson({ ...report, chain: ram.chain, damaged: ram.damaged });
       else {
         const allowed = report.signature === 'unsigned' && key && o.allowUnsigned ? ' (allowed)' : '';
         note(`${report.id}: ${describeSignature(report.signature, report.keyId)}${allowed}`);
@@ -236,6 +257,10 @@ export function registerCheckpointCommands(program: Command): void {
           note(
             `${report.id}: disk ${chain.device} builds on ${chain.checkpoints.slice(1).join(' <- ')}, checked too`,
           );
+        if (ram.chain.length > 1)
+          note(`${report.id}: RAM builds on ${ram.chain.slice(1).join(' <- ')}, checked too`);
+        for (const d of ram.damaged)
+          note(`${report.id}: ${d.id} is damaged; it breaks ${d.affects.join(', ')}`);
         if (report.ok) note(`${report.id}: ok (${formatBytes(report.bytesChecked)} checked)`);
         for (const p of report.problems) note(`${report.id}: ${p}`);
         if (report.signature === 'unsigned' && !report.ok && key && !o.allowUnsigned)
@@ -250,7 +275,8 @@ export function registerCheckpointCommands(program: Command): void {
     .argument('<id...>', 'checkpoint ids, exactly as tlc ls shows them (with --all: one VM name)')
     .option('--all', 'remove every checkpoint of the named VM')
     .option('--store <dir>', STORE_HELP)
-    .action((refs: string[], o: StoreFlags & { all?: boolean }) => {
+    .option('--sign-key <file>', SIGN_KEY_HELP)
+    .action((refs: string[], o: StoreFlags & KeyFlags & { all?: boolean }) => {
       const store = storeOf(o);
       if (o.all && refs.length !== 1) {
         throw new UsageError(`rm --all takes exactly one VM name (got ${refs.length})`);
@@ -262,9 +288,38 @@ export function registerCheckpointCommands(program: Command): void {
             .map((c) => c.id)
         : refs;
       assertNotInUse(store, doomed, listVms());
-      const removed = o.all ? store.removeAllOf(refs[0] as string) : store.removeIds(refs);
+      const removed = o.all ? store.removeAllOf(refs[0] as string) : store.removeIds(refs, rewriteKey(o));
       for (const c of removed) note(`removed ${c.id}`);
     });
+
+  program
+    .command('prune')
+    .description("remove all but a VM's newest checkpoints; later checkpoints keep every page they need")
+    .argument('<vm>', 'VM name')
+    .requiredOption('--keep <n>', 'how many of the newest checkpoints to keep')
+    .option('--store <dir>', STORE_HELP)
+    .option('--sign-key <file>', SIGN_KEY_HELP)
+    .action((vm: string, o: StoreFlags & KeyFlags & { keep: string }) => {
+      const store = storeOf(o);
+      const keep = Number(o.keep);
+      if (!Number.isInteger(keep) || keep < 1)
+        throw new UsageError(`--keep must be a whole number >= 1 (got ${o.keep})`);
+      const ofVm = store.list().filter((c) => c.manifest.vm.name === vm);
+      assertNotInUse(
+        store,
+        ofVm.slice(0, Math.max(0, ofVm.length - keep)).map((c) => c.id),
+        listVms(),
+      );
+      const removed = store.prune(vm, keep, rewriteKey(o));
+      for (const c of removed) note(`removed ${c.id}`);
+      if (removed.length === 0) note(`${vm}: ${ofVm.length} checkpoint(s), nothing to prune`);
+    });
+}
+
+/** The key that re-signs a signed checkpoint rewritten to keep its chain whole (none: unsigned ones only). */
+function rewriteKey(o: KeyFlags): { signKey?: Buffer } {
+  const signing = loadSigningKey({ ...(o.signKey ? { keyFile: o.signKey } : {}), create: false });
+  return signing ? { signKey: signing.key } : {};
 }
 
 function summary(m: Manifest): Record<string, unknown> {
@@ -277,6 +332,32 @@ function summary(m: Manifest): Record<string, unknown> {
     ...(diskBytes !== undefined ? { diskBytes } : {}),
     metrics: m.metrics,
   };
+}
+
+/** Bytes a checkpoint's own files take (format 1.2 records them; older ones in the metrics). */
+function storedBytesOf(m: Manifest): number {
+  return m.storedBytes ?? m.metrics.bytesStored;
+}
+
+/** Per checkpoint: its own bytes plus its RAM parents'; absent when a parent is not in the list. */
+function chainBytesOf(all: readonly StoredCheckpoint[]): Map<string, number> {
+  const byId = new Map(all.map((c) => [c.id, c]));
+  const out = new Map<string, number>();
+  for (const c of all) {
+    let total = 0;
+    let cur: StoredCheckpoint | undefined = c;
+    const seen = new Set<string>();
+    while (cur && !seen.has(cur.id)) {
+      seen.add(cur.id);
+      total += storedBytesOf(cur.manifest);
+      if (cur.manifest.parent === undefined) {
+        out.set(c.id, total);
+        break;
+      }
+      cur = byId.get(cur.manifest.parent);
+    }
+  }
+  return out;
 }
 
 /** Bytes of the disk layers a checkpoint itself stores; undefined when it stores none. */

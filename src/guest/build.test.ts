@@ -32,6 +32,7 @@ test('parses workload specs', () => {
   assert.deepEqual(parseWorkloadSpec('dirty:128:random'), { kind: 'dirty', mib: 128, pattern: 'random' });
   assert.deepEqual(parseWorkloadSpec('dirty:1:stream'), { kind: 'dirty', mib: 1, pattern: 'stream' });
   assert.deepEqual(parseWorkloadSpec('dirty:32:hotcold'), { kind: 'dirty', mib: 32, pattern: 'hotcold' });
+  assert.deepEqual(parseWorkloadSpec('dirty:32:bytes'), { kind: 'dirty', mib: 32, pattern: 'bytes' });
   assert.deepEqual(parseWorkloadSpec('idle'), { kind: 'idle' });
   assert.deepEqual(parseWorkloadSpec('diskverify:0'), { kind: 'diskverify', records: 0 });
   assert.deepEqual(parseWorkloadSpec('diskverify:500'), { kind: 'diskverify', records: 500 });

@@ -38,7 +38,7 @@ export interface BuildGuestOptions {
   sourceDir?: string;
 }
 
-export type DirtyPattern = 'random' | 'stream' | 'hotcold';
+export type DirtyPattern = 'random' | 'stream' | 'hotcold' | 'bytes';
 
 /** One guest program. */
 export type SingleWorkloadSpec =
@@ -109,7 +109,7 @@ const MAX_RECORDS = 1_000_000_000;
 // Workload specs and the kernel command line
 
 const SPEC_USAGE =
-  'expected memverify:<MiB>[:<rate>[:grow]], dirty:<MiB>:<random|stream|hotcold>, idle, diskverify:<records>, ' +
+  'expected memverify:<MiB>[:<rate>[:grow]], dirty:<MiB>:<random|stream|hotcold|bytes>, idle, diskverify:<records>, ' +
   'or diskverify:<records>+<memverify or dirty spec>';
 
 function parseCount(spec: string, what: string, text: string | undefined, min: number, max: number): number {
@@ -138,7 +138,7 @@ function parseSingle(spec: string, part: string): SingleWorkloadSpec {
       if (parts.length !== 3) break;
       const mib = parseCount(spec, 'MiB', parts[1], 1, MAX_MIB);
       const pattern = parts[2];
-      if (pattern !== 'random' && pattern !== 'stream' && pattern !== 'hotcold') {
+      if (pattern !== 'random' && pattern !== 'stream' && pattern !== 'hotcold' && pattern !== 'bytes') {
         throw new UsageError(`Bad workload "${spec}": unknown dirty pattern "${pattern}"; ${SPEC_USAGE}`);
       }
       return { kind: 'dirty', mib, pattern };

@@ -38,6 +38,8 @@ export async function restoreLibvirtDomain(
     timeoutMs: number;
     store: CheckpointStore;
     verifyParent: (parent: StoredCheckpoint) => void;
+    /** `ckpt` and the checkpoints its RAM builds on, newest first. */
+    ramChain?: readonly StoredCheckpoint[];
     /** Where the restored domain's disks go (default /var/lib/libvirt/images/tlc-restore). */
     diskTarget?: string;
   },
@@ -76,7 +78,12 @@ export async function restoreLibvirtDomain(
   try {
     xml = await restoredDisks(ckpt, xml, dir, { ...opts, vmName: name });
     const writer = await SaveImageWriter.create(image, { xml, wasRunning: m.vmWasRunning });
-    const stats = await synthesizeStream(ckpt, 'eager', (chunk) => writer.write(chunk));
+    const stats = await synthesizeStream(
+      ckpt,
+      'eager',
+      (chunk) => writer.write(chunk),
+      opts.ramChain ?? [ckpt],
+    );
     await writer.finish();
     opts.log(`save image for libvirt written: ${(stats.bytesWritten / 2 ** 20).toFixed(1)} MiB`);
     const started = performance.now();

@@ -9,6 +9,8 @@ import { PRIVATE_DIR_MODE } from '../core/paths.js';
 import type { QmpClient } from '../qmp/client.js';
 import { CheckpointStore, type StoredCheckpoint } from '../store/store.js';
 import { checkpointFilePath } from '../store/manifest.js';
+import { assembleBlock, ramChain } from '../store/chain.js';
+import { adoptScratchImage } from '../store/scratch.js';
 import { loadSigningKey } from '../store/sign.js';
 import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
 import type { Accel } from '../vm/spec.js';
@@ -19,7 +21,15 @@ import { kill, waitExit } from '../vm/process.js';
 import { findQemu, listMachines } from '../vm/qemu.js';
 import { restoreDisks } from '../disk/restore-disks.js';
 import { restoreLibvirtDomain } from './libvirt-restore.js';
-import { type VmRecord, claimVmName, runtimePaths, saveVm, tryLoadVm, vmDir } from '../vm/registry.js';
+import {
+  type VmRecord,
+  claimVmName,
+  runtimePaths,
+  saveVm,
+  tryLoadVm,
+  vmDir,
+  vmState,
+} from '../vm/registry.js';
 import { type VmSpec, ramBlockOf, validateVmName } from '../vm/spec.js';
 import { assertCompatible } from './compat.js';
 import { type SynthesisStats, synthesizeStream } from './synthesize.js';
@@ -87,6 +97,16 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     return report;
   };
   const report = verify(ckpt);
+  // An incremental checkpoint's RAM is its chain's: every parent is checked the same way.
+  const chain = ramChain(ckpt, (id) => store.exact(id));
+  for (const parent of chain.slice(1)) {
+    try {
+      verify(parent);
+    } catch (err) {
+      if (err instanceof TlcError) err.message = `${ckpt.id} builds on ${parent.id}: ${err.message}`;
+      throw err;
+    }
+  }
   if (report.signature === 'unsigned')
     log(`${ckpt.id} is unsigned: its origin is not checked (restoring as --allow-unsigned says)`);
   if (report.signature === 'no-key')
@@ -102,6 +122,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
       timeoutMs: opts.timeoutMs ?? 120_000,
       store,
       verifyParent: verify,
+      ramChain: chain,
       ...(opts.diskTarget ? { diskTarget: path.resolve(opts.diskTarget) } : {}),
     });
     return {
@@ -118,6 +139,29 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const ramBlock = m.blocks.find((b) => b.name === ramBlockOf(m.vm));
   if (!ramBlock) throw new RestoreError('E_RESTORE', `${m.id} has no RAM block "${ramBlockOf(m.vm)}"`);
   const launchFacts = hostLaunchFacts(m, Boolean(opts.trustCheckpointArgs), log);
+  let ramImage = checkpointFilePath(ckpt.dir, ramBlock.file);
+  if (mode === 'lazy' && chain.length > 1) {
+    // Lazy restore maps one flat image: the chain's newest version of every page, written once
+    // into the VM's directory (sparse; only data pages are copied). It lives as long as the VM.
+    const started = performance.now();
+    ramImage = path.join(vmDir(name), 'ram.img');
+    fs.rmSync(ramImage, { force: true });
+    const index = m.blocks.indexOf(ramBlock);
+    // The checkpointed VM's receive files may hold exactly this checkpoint (its newest, the VM
+    // gone since): then they become the image, checked page by page against its hashes.
+    const source = tryLoadVm(m.vm.name);
+    const sourceIdle = !source || vmState(source) !== 'running';
+    if (sourceIdle && adoptScratchImage(path.join(vmDir(m.vm.name), 'scratch'), ckpt, index, ramImage)) {
+      log(
+        `RAM image: ${m.vm.name}'s receive file, which holds ${ckpt.id} (${(performance.now() - started).toFixed(0)} ms)`,
+      );
+    } else {
+      const bytes = assembleBlock(chain, index, ramImage);
+      log(
+        `assembled RAM from a chain of ${chain.length} checkpoints: ${(bytes / 2 ** 20).toFixed(1)} MiB in ${(performance.now() - started).toFixed(0)} ms`,
+      );
+    }
+  }
   const spec: VmSpec = {
     ...m.vm,
     ...launchFacts,
@@ -125,10 +169,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
     qemu,
     machine: m.machineType,
     accel: opts.accel ?? m.vm.accel,
-    memory:
-      mode === 'lazy'
-        ? { kind: 'file', path: checkpointFilePath(ckpt.dir, ramBlock.file), share: false }
-        : { kind: 'memfd' },
+    memory: mode === 'lazy' ? { kind: 'file', path: ramImage, share: false } : { kind: 'memfd' },
   };
   const disks = await restoreDisks({
     ckpt,
@@ -167,7 +208,7 @@ export async function restoreCheckpoint(opts: RestoreOptions): Promise<RestoredV
   const { qmp } = launched;
   const check = deathCheck(launched.process, logFile, 'while loading the checkpoint');
   try {
-    const stream = await feedStream(ckpt, mode, incoming, check);
+    const stream = await feedStream(ckpt, mode, incoming, check, chain);
     await waitLoaded(qmp, check, opts.timeoutMs ?? 60_000, m.vmWasRunning);
     const timeToRunningMs = performance.now() - launched.spawnedAt;
     log(`guest running ${timeToRunningMs.toFixed(0)} ms after QEMU started (${mode} restore)`);
@@ -254,14 +295,20 @@ async function feedStream(
   mode: 'lazy' | 'eager',
   socketPath: string,
   check: () => Error | undefined,
+  chain: readonly StoredCheckpoint[],
 ): Promise<SynthesisStats> {
   const socket = await connectWithRetry(socketPath, check);
   try {
-    const stats = await synthesizeStream(ckpt, mode, async (chunk) => {
-      if (!socket.write(chunk)) await drainOrClose(socket);
-      if (socket.destroyed)
-        throw check() ?? new RestoreError('E_RESTORE', 'QEMU closed the incoming connection');
-    });
+    const stats = await synthesizeStream(
+      ckpt,
+      mode,
+      async (chunk) => {
+        if (!socket.write(chunk)) await drainOrClose(socket);
+        if (socket.destroyed)
+          throw check() ?? new RestoreError('E_RESTORE', 'QEMU closed the incoming connection');
+      },
+      chain,
+    );
     socket.end();
     return stats;
   } catch (err) {

@@ -2,10 +2,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CONFIG_FILE } from '../store/manifest.js';
 import type { StoredCheckpoint } from '../store/store.js';
+import { ChainBlockReader } from '../store/chain.js';
 import { MigrationStreamWriter } from '../stream/writer.js';
 import { ramBlockOf } from '../vm/spec.js';
 
-const READ_CHUNK_BYTES = 4 * 1024 * 1024;
+/** The chain reader's chunk: one per-MiB sums chunk. */
+const READ_CHUNK_BYTES = 1024 * 1024;
 
 export interface SynthesisStats {
   pagesSent: number;
@@ -24,6 +26,8 @@ export async function synthesizeStream(
   ckpt: StoredCheckpoint,
   mode: 'lazy' | 'eager',
   out: (chunk: Buffer) => Promise<void>,
+  /** `ckpt` and the checkpoints its RAM builds on, newest first (store/chain.ts `ramChain`). */
+  chain: readonly StoredCheckpoint[] = [ckpt],
 ): Promise<SynthesisStats> {
   const m = ckpt.manifest;
   const stats: SynthesisStats = { pagesSent: 0, zeroPagesSent: 0, bytesWritten: 0 };
@@ -46,12 +50,12 @@ export async function synthesizeStream(
     if (!block) continue;
     const isGuestRam = block.name === ramBlockOf(m.vm);
     if (isGuestRam && mode === 'lazy') continue;
-    const fd = fs.openSync(path.join(ckpt.dir, block.file), 'r');
+    // Pages come from the newest checkpoint of the chain that holds them.
+    const reader = new ChainBlockReader(chain, index);
     try {
-      for (let base = 0; base < block.usedLength; base += READ_CHUNK_BYTES) {
-        const len = Math.min(READ_CHUNK_BYTES, block.usedLength - base);
-        let got = 0;
-        while (got < len) got += fs.readSync(fd, chunk, got, len - got, base + got);
+      for (let c = 0; c < reader.chunks; c++) {
+        const base = c * READ_CHUNK_BYTES;
+        const len = reader.readChunk(c, chunk);
         for (let at = 0; at < len; at += pageSize) {
           const isZero = zero.compare(chunk, at, at + pageSize) === 0;
           if (isZero) {
@@ -65,7 +69,7 @@ export async function synthesizeStream(
         }
       }
     } finally {
-      fs.closeSync(fd);
+      reader.close();
     }
   }
   writer.endRamSection();

@@ -276,6 +276,55 @@ describe('manifest validation', () => {
   });
 });
 
+describe('incremental fields (format 1.2)', () => {
+  const incremental = (extra: Json = {}): Json => {
+    const m = structuredClone(fixtureManifest()) as unknown as Json & { blocks: Json[] };
+    m.parent = 'web-20251231-120000-abcd';
+    m.storedBytes = 12345;
+    m.blocks = m.blocks.map((b, i) => ({
+      ...b,
+      hashesFile: `block-${i}.img.hashes`,
+      hashesSha256: 'a'.repeat(64),
+      storedPages: 1,
+    }));
+    return { ...m, ...extra };
+  };
+
+  it('reads a 1.1 manifest (no parent, no page hashes) and a 1.2 incremental one', () => {
+    const old = mutated('formatVersion', [MANIFEST_FORMAT_MAJOR, 1]);
+    assert.equal(open(old).parent, undefined);
+    const m = open(incremental());
+    assert.equal(m.parent, 'web-20251231-120000-abcd');
+    assert.equal(m.blocks[0]?.hashesFile, 'block-0.img.hashes');
+  });
+
+  it('refuses a parent of another VM or itself, and incremental blocks without hashes', () => {
+    refused(
+      incremental({ parent: 'db-20251231-120000-abcd' }),
+      /field parent: must be another checkpoint of VM "web"/,
+    );
+    refused(incremental({ parent: 'web-20260101-120000-abcd' }), /field parent: must be another checkpoint/);
+    const m = incremental() as Json & { blocks: Json[] };
+    delete m.blocks[0]?.hashesFile;
+    delete m.blocks[0]?.hashesSha256;
+    refused(m, /field blocks\[0\]\.hashesFile: missing \(an incremental checkpoint/);
+  });
+
+  it('refuses misnamed page-hash and delta files, and partial delta fields', () => {
+    const m = incremental() as Json & { blocks: Json[] };
+    (m.blocks[0] as Json).hashesFile = 'block-1.img.hashes';
+    refused(m, /field blocks\[0\]\.hashesFile: must be block-0\.img\.hashes/);
+    const d = incremental() as Json & { blocks: Json[] };
+    (d.blocks[0] as Json).deltaFile = 'block-0.img.delta';
+    refused(d, /deltaFile, deltaSha256, deltaBytes and deltaPages come together/);
+    const full = mutated('blocks.0.deltaFile', 'block-0.img.delta') as Json & { blocks: Json[] };
+    Object.assign(full.blocks[0] as Json, { deltaSha256: 'b'.repeat(64), deltaBytes: 10, deltaPages: 1 });
+    refused(full, /must be block-0\.img\.delta, in an incremental checkpoint/);
+    assert.throws(() => checkpointFilePath('/s/c', 'block-0.img.delta/..'), { code: 'E_CORRUPT' });
+    assert.equal(checkpointFilePath('/s/c', 'block-0.img.delta'), '/s/c/block-0.img.delta');
+  });
+});
+
 describe('checkpoint file names', () => {
   it('joins only tlc file names onto the checkpoint directory', () => {
     assert.equal(checkpointFilePath('/s/c', 'block-3.img'), '/s/c/block-3.img');

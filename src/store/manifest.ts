@@ -13,7 +13,14 @@ import { type ManifestSignature, signManifest } from './sign.js';
  * | config.bin        | the stream's configuration section, verbatim (machine type, capabilities) |
  * | block-<n>.img     | RAM block n as a raw image at its own offsets; sparse where the guest has zeros. Large blocks (ram0) are mapped by lazy restore |
  * | block-<n>.img.sums | `TLCSUMS1`, be32 chunk size, be32 count, then count x 32-byte SHA-256 of each chunk (all-zero hash for an all-zero chunk) |
+ * | block-<n>.img.hashes | per-page xxh64 of the block's whole content (page-hash.ts), format 1.2 |
+ * | block-<n>.img.delta | changed pages as XOR deltas against the parent's (delta-file.ts), format 1.2 |
  * | device.bin        | device state: every section after RAM, EOF and the VM description, verbatim |
+ *
+ * An incremental checkpoint (format 1.2, `parent` set) stores in `block-<n>.img` only the pages
+ * whose hash differs from the parent's (holes elsewhere); its hashes file describes the whole
+ * block, so a zero hash where the parent's is not says "this page is zero now". Its sums cover the
+ * file as stored (holes read as zeros).
  *
  * A manifest is hostile input (it may come from shared storage): `openManifest` (schema.ts)
  * validates all of it before anything uses it, and only the file names above are accepted.
@@ -41,10 +48,11 @@ export const MAX_BLOCK_BYTES = 2 ** 40;
  *   (The VM spec inside and the metrics accept extra keys at every version: they are copied from
  *   elsewhere and grow on their own.)
  *
- * History: 1.0 first format; 1.1 adds the optional `signature`.
+ * History: 1.0 first format; 1.1 adds the optional `signature`; 1.2 adds incremental checkpoints:
+ * `parent`, `storedBytes` and per block `hashesFile`, `hashesSha256`, `storedPages`, `delta*`.
  */
 export const MANIFEST_FORMAT_MAJOR = 1;
-export const MANIFEST_FORMAT_MINOR = 1;
+export const MANIFEST_FORMAT_MINOR = 2;
 
 /** How a manifest of format `[major, minor]` is read; throws E_CORRUPT for an unsupported one. */
 export function formatSupport(version: readonly [number, number], where: string): 'known' | 'newer-minor' {
@@ -64,6 +72,8 @@ export function formatSupport(version: readonly [number, number], where: string)
  */
 export const IMAGE_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img$/;
 export const SUMS_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.sums$/;
+export const HASHES_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.hashes$/;
+export const DELTA_FILE_RE = /^block-(0|[1-9][0-9]{0,3})\.img\.delta$/;
 
 /** A disk layer: `disk<disk index>-<layer index>.qcow2`. */
 export const DISK_LAYER_RE = /^disk(0|[1-9][0-9]?)-(0|[1-9])\.qcow2$/;
@@ -80,12 +90,22 @@ export function sumsFileName(index: number): string {
   return `${imageFileName(index)}.sums`;
 }
 
+export function hashesFileName(index: number): string {
+  return `${imageFileName(index)}.hashes`;
+}
+
+export function deltaFileName(index: number): string {
+  return `${imageFileName(index)}.delta`;
+}
+
 export function isTlcFileName(name: string): boolean {
   return (
     name === DEVICE_FILE ||
     name === CONFIG_FILE ||
     IMAGE_FILE_RE.test(name) ||
     SUMS_FILE_RE.test(name) ||
+    HASHES_FILE_RE.test(name) ||
+    DELTA_FILE_RE.test(name) ||
     DISK_LAYER_RE.test(name)
   );
 }
@@ -111,6 +131,19 @@ export interface ManifestBlock {
   sumsSha256: string;
   /** Pages that hold data (not all-zero) at checkpoint time. */
   dataPages: number;
+  /** `block-<index>.img.hashes` (format 1.2): per-page hashes of the whole block. */
+  hashesFile?: string;
+  hashesSha256?: string;
+  /** Pages this checkpoint's image holds (changed since the parent; all data pages when full). */
+  storedPages?: number;
+  /**
+   * Sub-page deltas (delta-file.ts): changed pages stored as their XOR with the parent's page,
+   * run-length encoded, in `block-<index>.img.delta` (a hole in the image there).
+   */
+  deltaFile?: string;
+  deltaSha256?: string;
+  deltaBytes?: number;
+  deltaPages?: number;
 }
 
 /** One qcow2 file of a disk's state, owned by the checkpoint that wrote it. */
@@ -151,13 +184,13 @@ export interface ManifestDisk {
 }
 
 export interface StageMetrics {
-  /** From the start of the clock (after the warm-up) until QEMU's migration is active. */
+  /** From the start of the clock until QEMU's migration is active. */
   setupMs: number;
   /** QEMU's own setup-time: from its `migrate` until active. */
   qemuSetupMs?: number;
   /**
-   * Faulting in the page table before QEMU starts sending; the clock (totalMs, the deadline)
-   * starts after it. Checkpoints before format 1.2's tlc included it in setupMs.
+   * Faulting in the page table before QEMU started sending: written by tlc versions that had one
+   * (their clock started after it); tlc no longer has a warm-up.
    */
   warmUpMs?: number;
   stage1: { ms: number; bytes: number };
@@ -211,6 +244,13 @@ export interface Manifest {
   blocks: ManifestBlock[];
   configSha256: string;
   device: { file: string; bytes: number; sha256: string; sections: number; runstate?: string };
+  /**
+   * Format 1.2: the checkpoint whose RAM this one's builds on. Pages not stored here are the
+   * parent's (see the file table above); absent for a full checkpoint.
+   */
+  parent?: string;
+  /** Format 1.2: bytes this checkpoint's own files take (allocated), whatever its parent holds. */
+  storedBytes?: number;
   /** The VM's disks (absent in checkpoints of VMs without disks and before format 1.1). */
   disks?: ManifestDisk[];
   metrics: StageMetrics;

@@ -11,7 +11,11 @@ import {
   type Manifest,
   PAGE_SIZE,
   SUMS_FILE_RE,
+  HASHES_FILE_RE,
+  DELTA_FILE_RE,
   canonicalBody,
+  deltaFileName,
+  hashesFileName,
   formatSupport,
   imageFileName,
   sha256Hex,
@@ -174,6 +178,18 @@ function manifestSchema(strict: boolean) {
     sumsFile: z.string().regex(SUMS_FILE_RE, 'must be a tlc sums file name (block-<n>.img.sums)'),
     sumsSha256: sha256(),
     dataPages: count(),
+    hashesFile: z.string().regex(HASHES_FILE_RE, 'must be a tlc hashes file name').optional(),
+    hashesSha256: sha256().optional(),
+    storedPages: count().optional(),
+    deltaFile: z.string().regex(DELTA_FILE_RE, 'must be a tlc delta file name').optional(),
+    deltaSha256: sha256().optional(),
+    deltaBytes: z
+      .number()
+      .int()
+      .min(0)
+      .max(2 ** 42)
+      .optional(),
+    deltaPages: count().optional(),
   });
   return obj({
     magic: z.literal(MANIFEST_MAGIC),
@@ -244,6 +260,8 @@ function manifestSchema(strict: boolean) {
       )
       .max(64)
       .optional(),
+    parent: idName(128).optional(),
+    storedBytes: count().optional(),
     metrics: metricsSchema,
     vmWasRunning: z.boolean(),
     guestHeartbeatSeqBefore: count().optional(),
@@ -254,6 +272,13 @@ function manifestSchema(strict: boolean) {
     }).optional(),
     checksum: sha256(),
   }).superRefine((m, ctx) => {
+    if (m.parent !== undefined && (m.parent === m.id || !m.parent.startsWith(`${m.vm.name}-`))) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['parent'],
+        message: `must be another checkpoint of VM "${m.vm.name}"`,
+      });
+    }
     if (!m.id.startsWith(`${m.vm.name}-`)) {
       ctx.addIssue({
         code: 'custom',
@@ -271,6 +296,49 @@ function manifestSchema(strict: boolean) {
           code: 'custom',
           path: ['blocks', i, 'sumsFile'],
           message: `must be ${sumsFileName(i)}`,
+        });
+      }
+      if (b.hashesFile !== undefined && b.hashesFile !== hashesFileName(i)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'hashesFile'],
+          message: `must be ${hashesFileName(i)}`,
+        });
+      }
+      if ((b.hashesFile === undefined) !== (b.hashesSha256 === undefined)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'hashesSha256'],
+          message: 'hashesFile and hashesSha256 come together',
+        });
+      }
+      if (m.parent !== undefined && b.hashesFile === undefined) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'hashesFile'],
+          message: 'missing (an incremental checkpoint has page hashes for every block)',
+        });
+      }
+      const delta = [b.deltaFile, b.deltaSha256, b.deltaBytes, b.deltaPages];
+      if (delta.some((v) => v !== undefined) && delta.some((v) => v === undefined)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'deltaFile'],
+          message: 'deltaFile, deltaSha256, deltaBytes and deltaPages come together',
+        });
+      }
+      if (b.deltaFile !== undefined && (b.deltaFile !== deltaFileName(i) || m.parent === undefined)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'deltaFile'],
+          message: `must be ${deltaFileName(i)}, in an incremental checkpoint`,
+        });
+      }
+      if (b.storedPages !== undefined && b.storedPages > b.usedLength / PAGE_SIZE) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['blocks', i, 'storedPages'],
+          message: `${b.storedPages} exceeds the block's ${b.usedLength / PAGE_SIZE} pages`,
         });
       }
       if (names.has(b.name)) {

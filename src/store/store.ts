@@ -6,6 +6,7 @@ import { fsyncDir } from '../core/fsutil.js';
 import { PRIVATE_DIR_MODE, defaultStoreDir } from '../core/paths.js';
 import { MANIFEST_FILE, type Manifest, type ManifestDisk } from './manifest.js';
 import { openManifest } from './schema.js';
+import { rebaseCheckpoint, recoverRebases } from './rebase.js';
 
 const STAGING_PREFIX = '.tmp-';
 
@@ -13,6 +14,11 @@ export interface StoredCheckpoint {
   id: string;
   dir: string;
   manifest: Manifest;
+}
+
+export interface RemoveOptions {
+  /** Re-signs a signed checkpoint whose RAM must be rewritten to keep its chain whole. */
+  signKey?: Buffer;
 }
 
 export interface RemovedCheckpoint {
@@ -103,6 +109,7 @@ export class CheckpointStore {
   }
 
   private sweepStale(): void {
+    recoverRebases(this.dir, safeReaddir(this.dir), pidAlive);
     for (const entry of safeReaddir(this.dir)) {
       if (!entry.startsWith(STAGING_PREFIX)) continue;
       const pid = Number(entry.slice(entry.lastIndexOf('-') + 1));
@@ -147,6 +154,11 @@ export class CheckpointStore {
     }
     if (byPrefix[0]) return byPrefix[0];
     throw new TlcError('E_NOT_FOUND', `No checkpoint "${ref}" in ${this.dir} (see: tlc ls)`);
+  }
+
+  /** The checkpoint with exactly this id; throws (E_NOT_FOUND, E_CORRUPT) when missing or damaged. */
+  exact(id: string): StoredCheckpoint {
+    return { id, dir: this.checkpointDir(id), manifest: readManifest(this.checkpointDir(id)) };
   }
 
   /** The directory of the checkpoint with exactly this id (damaged or not); throws when none. */
@@ -266,10 +278,46 @@ export class CheckpointStore {
    * layers another checkpoint builds on is removed only together with that checkpoint (dependents
    * go first, so an interrupted removal leaves only whole chains).
    */
-  removeIds(ids: readonly string[]): RemovedCheckpoint[] {
+  removeIds(ids: readonly string[], opts: RemoveOptions = {}): RemovedCheckpoint[] {
     const unique = [...new Set(ids)];
     for (const id of unique) this.checkpointDir(id);
-    return this.removeSet(unique);
+    return this.removeSet(unique, opts);
+  }
+
+  /**
+   * Removes all but the newest `keep` checkpoints of VM `vmName` (`tlc prune`); the RAM of the
+   * kept ones is merged so none loses a parent it needs.
+   */
+  prune(vmName: string, keep: number, opts: RemoveOptions = {}): RemovedCheckpoint[] {
+    if (!Number.isInteger(keep) || keep < 1)
+      throw new TlcError('E_USAGE', '--keep must be a whole number >= 1');
+    const ofVm = this.list().filter((c) => c.manifest.vm.name === vmName);
+    if (ofVm.length === 0) {
+      throw new TlcError('E_NOT_FOUND', `No checkpoints of VM "${vmName}" in ${this.dir} (see: tlc ls)`);
+    }
+    const doomed = ofVm.slice(0, Math.max(0, ofVm.length - keep)).map((c) => c.id);
+    return doomed.length === 0 ? [] : this.removeSet(doomed, opts);
+  }
+
+  /**
+   * Before checkpoints go: every kept checkpoint whose RAM builds on one of them is rewritten onto
+   * its nearest kept ancestor (or made full), all before the first removal, so an interrupted
+   * removal leaves every chain whole.
+   */
+  private mergeRamChildren(
+    all: readonly StoredCheckpoint[],
+    doomed: ReadonlySet<string>,
+    opts: RemoveOptions,
+  ): void {
+    const byId = new Map(all.map((c) => [c.id, c]));
+    for (const child of all) {
+      if (doomed.has(child.id) || child.manifest.parent === undefined || !doomed.has(child.manifest.parent))
+        continue;
+      let anc: string | undefined = child.manifest.parent;
+      while (anc !== undefined && doomed.has(anc)) anc = byId.get(anc)?.manifest.parent;
+      const newParent = anc === undefined ? undefined : this.exact(anc);
+      rebaseCheckpoint(this.dir, child, newParent, (id) => this.exact(id), opts.signKey);
+    }
   }
 
   /**
@@ -292,7 +340,7 @@ export class CheckpointStore {
    * Refuses to break a chain, then removes `ids` (existing ones) with every dependent before its
    * parent. Returns them in the order given, whatever order they were removed in.
    */
-  private removeSet(ids: string[]): RemovedCheckpoint[] {
+  private removeSet(ids: string[], opts: RemoveOptions = {}): RemovedCheckpoint[] {
     const all = this.list();
     const doomed = new Set(ids);
     for (const id of ids) {
@@ -308,6 +356,7 @@ export class CheckpointStore {
           `remove ${them} first${sameVm ? `, or use tlc rm --all ${vm}` : ''}`,
       );
     }
+    this.mergeRamChildren(all, doomed, opts);
     // Dependents first: a depth-first walk that places a checkpoint after everything built on it.
     const order: string[] = [];
     const placed = new Set<string>();

@@ -6,6 +6,7 @@ import { CONFIG_FILE, SUMS_CHUNK_BYTES, checkpointFilePath, sha256Hex } from './
 import { type SignatureStatus, checkSignature } from './sign.js';
 import type { StoredCheckpoint } from './store.js';
 import { chunkCount, verifyImage } from './sums.js';
+import { hashesFileBytes } from './page-hash.js';
 
 export interface VerifyOptions {
   /** The signing key (`loadSigningKey`); without it a signed checkpoint is reported 'no-key'. */
@@ -93,6 +94,10 @@ export function verifyCheckpoint(
   checkSmall(m.device.file, m.device.sha256, { exact: m.device.bytes });
   for (const block of m.blocks) {
     checkSmall(block.sumsFile, block.sumsSha256, { exact: sumsBytes(block.usedLength) });
+    if (block.hashesFile !== undefined && block.hashesSha256 !== undefined)
+      checkSmall(block.hashesFile, block.hashesSha256, { exact: hashesFileBytes(block.usedLength) });
+    if (block.deltaFile !== undefined && block.deltaSha256 !== undefined)
+      checkSmall(block.deltaFile, block.deltaSha256, { exact: block.deltaBytes ?? 0 });
     const label = `${block.file} (${block.name})`;
     const size = regularFile(block.file, label);
     if (size === undefined) continue;

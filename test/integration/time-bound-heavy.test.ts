@@ -82,7 +82,11 @@ describe('time bound on a heavy, allocating guest beside a CPU hog', () => {
     assert.equal(info['cpu-throttle-percentage'] ?? 0, 0, 'no throttle left on the guest');
     assert.equal(status.status, 'running');
     const scan = readConsole(vm.record.paths.consoleLog);
-    assert.deepEqual(scan.workloadExits, [], 'the workload still runs (900 MiB in a 1 GiB guest was OOM-killed)');
+    assert.deepEqual(
+      scan.workloadExits,
+      [],
+      'the workload still runs (900 MiB in a 1 GiB guest was OOM-killed)',
+    );
     assert.deepEqual(scan.corruptions, []);
     const newest = scan.heartbeats.at(-1);
     assert.equal(newest?.kind, 'memverify');

@@ -8,7 +8,9 @@ import { CheckpointStore, type DiskChain, type StoredCheckpoint, diskLayerBytes 
 import { type VmRecord, listVms, vmState } from '../vm/registry.js';
 import { type VerifyReport, assertVerified, verifyCheckpoint } from '../store/verify.js';
 import { verifyRamChain } from '../store/verify-chain.js';
+import { pushChain } from '../ms/remote-store.js';
 import { formatBytes, formatMs, note, printJson, printTable } from './output.js';
+import { connectServers } from './remote.js';
 import { ProgressLine } from './progress.js';
 import { parseDuration, parseRate } from './units.js';
 
@@ -119,9 +121,23 @@ export function registerCheckpointCommands(program: Command): void {
     )
     .option('--full', "store every page (default: only pages changed since the VM's newest checkpoint)")
     .option('--no-deltas', 'store changed pages whole, never as sub-page deltas against the parent')
+    .option(
+      '--servers <list>',
+      'also commit the checkpoint to these memory servers (HOST:PORT,...; see tlc push)',
+    )
+    .option('--replicas <n>', 'with --servers: copies of every extent, on distinct servers', '1')
+    .option('--secret-file <file>', 'with --servers: their shared secret (default: $TLC_MS_SECRET_FILE)')
     .option('--store <dir>', STORE_HELP)
     .option('--json', 'print the manifest as JSON')
     .action(async (vm: string, o: StoreFlags & Record<string, string | undefined>) => {
+      // Connect first: a wrong secret or no reachable server fails before the VM is touched.
+      const servers = o.servers
+        ? await connectServers({
+            servers: o.servers,
+            ...(o.replicas ? { replicas: o.replicas } : {}),
+            ...(o.secretFile ? { secretFile: o.secretFile } : {}),
+          })
+        : undefined;
       const progress = new ProgressLine();
       try {
         const ckpt = await interruptible((signal) =>
@@ -143,12 +159,23 @@ export function registerCheckpointCommands(program: Command): void {
           }),
         );
         progress.done();
+        if (servers) {
+          const started = performance.now();
+          const pushed = await pushChain(ckpt, storeOf(o), servers);
+          const last = pushed.at(-1);
+          note(
+            `committed to ${last?.committedOn.length ?? 0} memory servers in ${formatMs(performance.now() - started)}` +
+              ` (${pushed.map((p) => p.id).join(', ')}; ${formatBytes(pushed.reduce((a, p) => a + p.bytesSent, 0))} sent)`,
+          );
+          for (const f of last?.failed ?? []) note(`  WARNING: ${f.url}: ${f.error}`);
+        }
         if (o.json) printJson(ckpt.manifest);
         else {
           printStages(ckpt.manifest, note);
           process.stdout.write(ckpt.id + '\n');
         }
       } finally {
+        servers?.close();
         progress.done();
       }
     });

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { UsageError } from '../core/errors.js';
 import { readSecretFile } from '../ms/auth.js';
-import { pullCheckpoint, pushCheckpoint } from '../ms/remote-store.js';
+import { pullChain, pushChain } from '../ms/remote-store.js';
 import { ServerSet } from '../ms/serverset.js';
 import { loadSigningKey } from '../store/sign.js';
 import { CheckpointStore } from '../store/store.js';
@@ -57,10 +57,12 @@ export function registerRemoteCommands(program: Command): void {
     const servers = await connectServers(o);
     try {
       const started = performance.now();
-      const r = await pushCheckpoint(ckpt, servers, (line) => note(`  ${line}`));
+      const reports = await pushChain(ckpt, store, servers, (line) => note(`  ${line}`));
       const ms = performance.now() - started;
-      if (o.json) printJson({ ...r, ms });
+      const r = reports.at(-1) as (typeof reports)[number];
+      if (o.json) printJson({ ...r, ms, pushed: reports.map((x) => x.id) });
       else {
+        for (const x of reports.slice(0, -1)) note(`pushed parent ${x.id}: ${formatBytes(x.bytesSent)}`);
         note(
           `pushed ${r.id}: ${r.files} files, ${r.extents} extents, ${formatBytes(r.bytesSent)} in ${formatMs(ms)}; ` +
             `committed on ${r.committedOn.join(', ')}`,
@@ -89,12 +91,20 @@ export function registerRemoteCommands(program: Command): void {
         try {
           const started = performance.now();
           const key = loadSigningKey({ create: false })?.key;
-          const r = await pullCheckpoint(id, servers, store, {
+          const r = await pullChain(id, servers, store, {
             verify: { ...(key ? { key } : {}), allowUnsigned: Boolean(o.allowUnsigned) },
             onProgress: (line) => note(`  ${line}`),
           });
           const ms = performance.now() - started;
-          if (o.json) printJson({ id, dir: r.ckpt.dir, bytes: r.bytes, ms, extentsFrom: r.fromServers });
+          if (o.json)
+            printJson({
+              id,
+              dir: r.ckpt.dir,
+              bytes: r.bytes,
+              ms,
+              pulled: r.pulled,
+              extentsFrom: r.fromServers,
+            });
           else
             note(
               `pulled ${id} into ${r.ckpt.dir}: ${formatBytes(r.bytes)} in ${formatMs(ms)}, verified; extents from ` +

@@ -1,9 +1,12 @@
 import type { Command } from 'commander';
 import { restoreCheckpoint } from '../restore/restore.js';
+import { pullChain } from '../ms/remote-store.js';
+import { loadSigningKey } from '../store/sign.js';
 import { CheckpointStore } from '../store/store.js';
+import { connectServers } from './remote.js';
 import { parseAccel } from '../vm/accel.js';
 import { UsageError } from '../core/errors.js';
-import { formatMs, note, printJson } from './output.js';
+import { formatBytes, formatMs, note, printJson } from './output.js';
 import { parseDuration } from './units.js';
 
 export function registerRestoreCommand(program: Command): void {
@@ -30,14 +33,42 @@ export function registerRestoreCommand(program: Command): void {
     .option('--allow-unsigned', 'restore a checkpoint that carries no signature although a key is configured')
     .option('--wait-heartbeat', "return only after the restored guest's first heartbeat")
     .option('--timeout <duration>', 'how long to wait for the guest', '60s')
+    .option(
+      '--servers <list>',
+      'first fetch the checkpoint (and its chain) from these memory servers (see tlc pull)',
+    )
+    .option('--secret-file <file>', 'with --servers: their shared secret (default: $TLC_MS_SECRET_FILE)')
     .option('--store <dir>', 'checkpoint store directory')
     .option('--json', 'print the result as JSON')
     .action(async (ref: string, o: Record<string, string | boolean | undefined>) => {
       const accel = o.accel ? parseAccel(String(o.accel)) : undefined;
       if (accel === 'auto') throw new UsageError('restore --accel must be tcg or kvm');
+      const store = new CheckpointStore(o.store ? String(o.store) : undefined);
+      if (o.servers) {
+        const servers = await connectServers({
+          servers: String(o.servers),
+          ...(o.secretFile ? { secretFile: String(o.secretFile) } : {}),
+        });
+        try {
+          const started = performance.now();
+          const key = loadSigningKey({
+            ...(o.signKey ? { keyFile: String(o.signKey) } : {}),
+            create: false,
+          })?.key;
+          const r = await pullChain(ref, servers, store, {
+            verify: { ...(key ? { key } : {}), allowUnsigned: Boolean(o.allowUnsigned) },
+          });
+          note(
+            `fetched ${r.pulled.length > 0 ? r.pulled.join(', ') : 'nothing (already here)'} from the memory servers in ` +
+              `${formatMs(performance.now() - started)}: ${formatBytes(r.bytes)}, verified`,
+          );
+        } finally {
+          servers.close();
+        }
+      }
       const restored = await restoreCheckpoint({
         ref,
-        store: new CheckpointStore(o.store ? String(o.store) : undefined),
+        store,
         ...(o.name ? { name: String(o.name) } : {}),
         eager: Boolean(o.eager),
         verify: Boolean(o.verify),

@@ -61,7 +61,30 @@ async function pool(n: number, work: (i: number) => Promise<void>): Promise<void
   await Promise.all(runners);
 }
 
-/** Sends checkpoint `ckpt` (a directory of the local store) to the servers and commits it there. */
+/**
+ * Sends checkpoint `ckpt` to the servers and commits it there, after the parents of an
+ * incremental checkpoint that the servers do not hold yet (oldest first): a restore anywhere
+ * needs the whole chain, and a chain member already there is not sent again.
+ */
+export async function pushChain(
+  ckpt: StoredCheckpoint,
+  store: CheckpointStore,
+  servers: ServerSet,
+  onProgress?: (line: string) => void,
+): Promise<PushReport[]> {
+  const held = new Set((await servers.list()).map((c) => c.id));
+  const chain: StoredCheckpoint[] = [ckpt];
+  for (let p = ckpt.manifest.parent; p && !held.has(p);) {
+    const parent = store.resolve(p);
+    chain.unshift(parent);
+    p = parent.manifest.parent;
+  }
+  const reports: PushReport[] = [];
+  for (const c of chain) reports.push(await pushCheckpoint(c, servers, onProgress));
+  return reports;
+}
+
+/** Sends one checkpoint directory to the servers and commits it there. */
 export async function pushCheckpoint(
   ckpt: StoredCheckpoint,
   servers: ServerSet,
@@ -150,6 +173,38 @@ function parseIndex(data: Buffer, id: string): FileIndex {
   )
     throw new CheckpointError(`checkpoint ${id} on the servers has an invalid file index`);
   return index;
+}
+
+/**
+ * Fetches checkpoint `id` and the parents of its chain the local store lacks (oldest first), each
+ * verified before it is published.
+ */
+export async function pullChain(
+  id: string,
+  servers: ServerSet,
+  store: CheckpointStore,
+  opts: { verify?: VerifyOptions; onProgress?: (line: string) => void } = {},
+): Promise<{ ckpt: StoredCheckpoint; bytes: number; pulled: string[]; fromServers: Record<string, number> }> {
+  const local = new Set(store.list().map((c) => c.id));
+  const pulled: string[] = [];
+  const fromServers: Record<string, number> = {};
+  let bytes = 0;
+  const fetch = async (want: string): Promise<StoredCheckpoint> => {
+    if (local.has(want)) return store.resolve(want);
+    // The manifest names the parent; fetch it first so this one verifies against its chain.
+    const manifest = openManifest(
+      (await servers.getBlob(want, MANIFEST_FILE)).toString('utf8'),
+      `checkpoint ${want} on the memory servers`,
+    );
+    if (manifest.parent) await fetch(manifest.parent);
+    const r = await pullCheckpoint(want, servers, store, opts);
+    pulled.push(want);
+    bytes += r.bytes;
+    for (const [url, n] of Object.entries(r.fromServers)) fromServers[url] = (fromServers[url] ?? 0) + n;
+    return r.ckpt;
+  };
+  const ckpt = await fetch(id);
+  return { ckpt, bytes, pulled, fromServers };
 }
 
 /**

@@ -62,6 +62,8 @@ const ok = (value: unknown = {}): Reply => ({ type: FRAME.OK, parts: [jsonPayloa
 export class MemoryServer {
   private readonly connections = new Set<Connection>();
   private closing = false;
+  /** Times a connection stopped reading because it was over budget (for tests and stats). */
+  pauses = 0;
 
   private constructor(
     private readonly server: net.Server,
@@ -373,6 +375,7 @@ class Connection {
       this.socket.writableLength > limit;
     if (stop && !this.paused) {
       this.paused = true;
+      this.server.pauses++;
       this.socket.pause();
     } else if (
       !stop &&

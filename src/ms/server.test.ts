@@ -1,0 +1,172 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { MemoryServerClient } from './client.js';
+import { RemoteError } from './errors.js';
+import { FRAME, FrameDecoder, frameParts } from './protocol.js';
+import { MemoryServer, type MemoryServerOptions } from './server.js';
+
+const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-ms-server-'));
+const secret = randomBytes(32);
+const servers: MemoryServer[] = [];
+after(async () => {
+  for (const s of servers) await s.close();
+  fs.rmSync(base, { recursive: true, force: true });
+});
+
+async function start(
+  name: string,
+  opts: Partial<MemoryServerOptions> = {},
+): Promise<{ server: MemoryServer; logs: string[] }> {
+  const logs: string[] = [];
+  const server = await MemoryServer.start({
+    listen: { kind: 'tcp', host: '127.0.0.1', port: 0 },
+    dataDir: path.join(base, name),
+    secret,
+    log: (line) => logs.push(line),
+    ...opts,
+  });
+  servers.push(server);
+  return { server, logs };
+}
+
+/** A raw socket that collects decoded frames, for peers that misbehave on purpose. */
+async function rawPeer(
+  server: MemoryServer,
+): Promise<{ socket: net.Socket; frames: Array<{ type: number; body: string }>; closed: Promise<void> }> {
+  const port = server.address.kind === 'tcp' ? server.address.port : 0;
+  const socket = net.connect({ host: '127.0.0.1', port });
+  await new Promise((r) => socket.once('connect', r));
+  const frames: Array<{ type: number; body: string }> = [];
+  const decoder = new FrameDecoder((type, _id, payload) => frames.push({ type, body: payload.toString() }));
+  socket.on('data', (c: Buffer) => decoder.push(c));
+  socket.on('error', () => {});
+  const closed = new Promise<void>((r) => socket.once('close', () => r()));
+  return { socket, frames, closed };
+}
+
+describe('memory server (in process)', () => {
+  it('authenticates a client with the secret and refuses one without, saying why on both sides', async () => {
+    const { server, logs } = await start('auth');
+    const good = await MemoryServerClient.connect(server.url, { secret });
+    assert.deepEqual(await good.list(), []);
+    good.close();
+    await assert.rejects(
+      MemoryServerClient.connect(server.url, { secret: randomBytes(32) }),
+      (err: unknown) => {
+        assert.ok(err instanceof RemoteError);
+        assert.equal(err.code, 'E_MS_AUTH');
+        assert.equal(err.remote, 'auth');
+        assert.match(err.message, /^memory server 127\.0\.0\.1:\d+ refused us: wrong secret$/);
+        return true;
+      },
+    );
+    await assert.rejects(
+      MemoryServerClient.connect(server.url, { secret, protocolVersion: 2 }),
+      /refused us: unsupported protocol version 2 \(this server speaks version 1\)/,
+    );
+    assert.ok(
+      logs.some((l) => /^127\.0\.0\.1:\d+: refused: wrong secret$/.test(l)),
+      logs.join('\n'),
+    );
+    assert.ok(logs.some((l) => /refused: unsupported protocol version 2/.test(l)));
+  });
+
+  it('keeps the newest version of a re-sent extent and refuses an incomplete commit', async () => {
+    const { server } = await start('overwrite');
+    const c = await MemoryServerClient.connect(server.url, { secret });
+    await c.begin('c1');
+    const old = randomBytes(1 << 20);
+    const newest = randomBytes(1 << 20);
+    // Pipelined: the second put may reach the writer while the first is still queued or running.
+    await Promise.all([
+      c.putExtent({ ckpt: 'c1', block: 'pc.ram', index: 0, offset: 0, data: old }),
+      c.putExtent({ ckpt: 'c1', block: 'pc.ram', index: 0, offset: 0, data: randomBytes(1 << 20) }),
+      c.putExtent({ ckpt: 'c1', block: 'pc.ram', index: 0, offset: 0, data: newest }),
+    ]);
+    await assert.rejects(
+      c.commit('c1', { extents: { 'pc.ram': [0, 1, 2] }, blobs: ['manifest'] }),
+      (err: unknown) =>
+        err instanceof RemoteError &&
+        err.remote === 'incomplete' &&
+        /lacks 2 extent\(s\) \(1, 2\).*manifest missing/.test(err.message),
+    );
+    assert.deepEqual(await c.list(), [], 'a refused commit lists nothing');
+    await c.putBlob('c1', 'manifest', Buffer.from('{}'));
+    await c.putExtent({ ckpt: 'c1', block: 'pc.ram', index: 1, offset: 1 << 20, data: old });
+    await c.putExtent({ ckpt: 'c1', block: 'pc.ram', index: 2, offset: 2 << 20, data: old });
+    await c.commit('c1', { extents: { 'pc.ram': [0, 1, 2] }, blobs: ['manifest'] });
+    assert.ok((await c.getExtent('c1', 'pc.ram', 0)).data.equals(newest));
+    await assert.rejects(c.begin('c1'), /already committed/);
+    await assert.rejects(
+      c.putExtent({ ckpt: 'c1', block: 'pc.ram', index: 3, offset: 0, data: old }),
+      /was not begun/,
+    );
+    c.close();
+  });
+
+  it('answers garbage with an ERROR frame and disconnects that peer only', async () => {
+    const { server, logs } = await start('garbage');
+    const c = await MemoryServerClient.connect(server.url, { secret });
+    const peer = await rawPeer(server);
+    peer.socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    await peer.closed;
+    assert.equal(peer.frames[0]?.type, FRAME.ERROR);
+    assert.match(peer.frames[0]?.body ?? '', /"code":"protocol".*not a tlc memory-server frame/);
+    assert.ok(logs.some((l) => /refused: malformed input/.test(l)));
+    // An unauthenticated peer cannot send requests, nor make the server buffer a large frame.
+    const early = await rawPeer(server);
+    for (const p of frameParts(FRAME.LIST, 1, [Buffer.from('{}')])) early.socket.write(p);
+    await early.closed;
+    assert.match(early.frames[0]?.body ?? '', /expected HELLO, got LIST/);
+    assert.deepEqual(await c.list(), []);
+    c.close();
+  });
+
+  it('disconnects a peer that stalls in the handshake after the idle timeout', async () => {
+    const { server, logs } = await start('idle', { idleTimeoutMs: 200 });
+    const peer = await rawPeer(server);
+    const started = Date.now();
+    await peer.closed;
+    assert.ok(Date.now() - started < 2000);
+    assert.match(peer.frames[0]?.body ?? '', /"code":"timeout".*stalled in the handshake for 200 ms/);
+    assert.ok(logs.some((l) => /stalled in the handshake/.test(l)));
+  });
+
+  it('stops reading a connection whose data outruns its budget, and still takes it all', async () => {
+    const { server } = await start('budget', { connectionBudget: 8 * 1024 * 1024 });
+    const c = await MemoryServerClient.connect(server.url, { secret, maxInFlight: 32 });
+    await c.begin('big');
+    const extents = Array.from({ length: 24 }, () => randomBytes(2 << 20));
+    await Promise.all(
+      extents.map((data, index) =>
+        c.putExtent({ ckpt: 'big', block: 'pc.ram', index, offset: index * (2 << 20), data }),
+      ),
+    );
+    assert.ok(server.pauses > 0, 'the connection was paused at least once');
+    const flushed = await c.flush('big');
+    assert.equal(flushed.extents, 24);
+    await c.commit('big');
+    for (const k of [0, 11, 23])
+      assert.ok((await c.getExtent('big', 'pc.ram', k)).data.equals(extents[k] as Buffer));
+    c.close();
+  });
+
+  it('rejects outstanding requests cleanly when the server goes away', async () => {
+    const { server } = await start('gone');
+    const c = await MemoryServerClient.connect(server.url, { secret });
+    await c.begin('x');
+    const closing = server.close();
+    await closing;
+    await sleep(50);
+    await assert.rejects(
+      c.list(),
+      (err: unknown) => err instanceof Error && 'code' in err && err.code === 'E_MS_CLOSED',
+    );
+  });
+});

@@ -256,6 +256,11 @@ export class MemoryServerClient {
     return this.json(FRAME.FLUSH, { ckpt }, FlushResult, `flush ${ckpt}`);
   }
 
+  /** Flushes `ckpt` and checks it holds everything in `expect`, without publishing it (refused: `incomplete`). */
+  async prepare(ckpt: string, expect?: CommitExpectation): Promise<FlushResult> {
+    return this.json(FRAME.PREPARE, expect ? { ckpt, expect } : { ckpt }, FlushResult, `prepare ${ckpt}`);
+  }
+
   /** Atomically publishes `ckpt` on this server; refused (`incomplete`) if it lacks anything in `expect`. */
   async commit(ckpt: string, expect?: CommitExpectation): Promise<CheckpointInfo> {
     return this.json(FRAME.COMMIT, expect ? { ckpt, expect } : { ckpt }, CheckpointInfo, `commit ${ckpt}`);

@@ -67,6 +67,8 @@ export const FRAME = {
   EXTENT: 20,
   /** server → client: blob record answering GET_BLOB. */
   BLOB: 21,
+  /** Flush and check a checkpoint against the expected extents, without committing it. */
+  PREPARE: 22,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 
@@ -97,6 +99,7 @@ export function maxPayload(type: number): number {
     case FRAME.BEGIN:
     case FRAME.FLUSH:
     case FRAME.COMMIT:
+    case FRAME.PREPARE:
     case FRAME.LIST:
     case FRAME.INDEX:
     case FRAME.GET_EXTENT:

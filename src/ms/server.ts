@@ -53,6 +53,7 @@ export interface MemoryServerOptions {
 }
 
 const MAX_REQUESTS_IN_PROGRESS = 64;
+const MAX_CONNECTIONS = 1024;
 /** How long a refused peer gets to read our ERROR frame before the socket is destroyed. */
 const REFUSAL_GRACE_MS = 1000;
 
@@ -80,6 +81,9 @@ export class MemoryServer {
       log,
     });
     const server = net.createServer({ noDelay: true });
+    // Each connection costs a socket and little else before it authenticates (frames are capped
+    // at 64 bytes, the idle timeout drops it); this bounds how many a stranger can hold open.
+    server.maxConnections = MAX_CONNECTIONS;
     if (opts.listen.kind === 'unix') removeStaleSocket(opts.listen.path);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -147,6 +151,7 @@ class Connection {
   private readonly inProgress = new Set<Promise<void>>();
   private paused = false;
   private quiescing = false;
+  private requests = 0;
 
   constructor(
     private readonly server: MemoryServer,
@@ -166,7 +171,9 @@ class Connection {
     socket.on('drain', () => this.flow());
     socket.on('error', (err) => this.log(`socket error: ${errorText(err)}`));
     socket.on('close', () => {
-      if (this.state !== 'closing') this.log('disconnected');
+      const mib = (this.decoder.bytesRead / (1024 * 1024)).toFixed(1);
+      if (this.state !== 'closing')
+        this.log(`disconnected after ${this.requests} requests, ${mib} MiB received`);
     });
   }
 
@@ -198,8 +205,13 @@ class Connection {
   }
 
   private onIdle(): void {
-    // Silence is the peer's fault only when we are waiting for it.
-    if (this.paused || this.inProgress.size > 0 || this.state === 'closing') return;
+    if (this.state === 'closing') return;
+    // Silence is the peer's fault only when we are waiting for it. The timer does not re-arm by
+    // itself without traffic, so arm it again for when we are.
+    if (this.paused || this.inProgress.size > 0) {
+      this.socket.setTimeout(this.server.options.idleTimeoutMs);
+      return;
+    }
     const what = this.state === 'ready' ? 'idle' : 'stalled in the handshake';
     this.refuse('timeout', `${what} for ${this.server.options.idleTimeoutMs} ms: disconnecting`);
   }
@@ -246,6 +258,7 @@ class Connection {
   }
 
   private dispatch(type: number, id: number, payload: Buffer): void {
+    this.requests++;
     let result: Reply | Promise<Reply>;
     try {
       result = this.handle(type, payload);
@@ -301,6 +314,11 @@ class Connection {
           const extents = Object.values(info.blocks).reduce((a, b) => a + b, 0);
           this.log(`commit ${ckpt}: ${extents} extents, ${info.blobs.length} blobs`);
           return ok(info);
+        })();
+      case FRAME.PREPARE:
+        return (async () => {
+          const { ckpt, expect } = parse(CommitRequest, payload);
+          return ok(await store.prepare(ckpt, expect));
         })();
       case FRAME.LIST:
         return store.list().then((checkpoints) => ok({ checkpoints }));

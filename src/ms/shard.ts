@@ -113,14 +113,14 @@ export class ShardStore {
       made.add(block);
     }
     const file = this.layout.inside(ckptFiles.extent(dir, block, r.index));
-    this.writer.write(file, encodeObjectHead(r.offset, r.data.length, r.sha256), r.data, budget);
+    this.writer.write(file, encodeObjectHead(r.offset, r.data.length, r.sha256), r.data, budget, dir);
   }
 
   putBlob(r: BlobRecord, budget: Budget): void {
     const dir = this.begun(r.ckpt);
     const file = this.layout.inside(ckptFiles.blob(dir, checkName(r.name, 'blob name')));
     verifySum(r.data, r.sha256, `blob ${r.name}`);
-    this.writer.write(file, encodeObjectHead(0, r.data.length, r.sha256), r.data, budget);
+    this.writer.write(file, encodeObjectHead(0, r.data.length, r.sha256), r.data, budget, dir);
   }
 
   /** Resolves once everything received for `ckpt` is on disk and fsynced, directories included. */
@@ -142,6 +142,18 @@ export class ShardStore {
     await fsyncDir(dir);
     const extents = Object.values(index.blocks).reduce((n, l) => n + l.length, 0);
     return { extents, blobs: index.blobs.length, bytes };
+  }
+
+  /**
+   * The first phase of a commit across servers: flush, then check the client's expectation. Nothing
+   * becomes visible; a ServerSet commits only once every server has prepared, so a checkpoint
+   * some server cannot complete is listed nowhere.
+   */
+  async prepare(ckpt: string, expect: CommitExpectation | undefined): Promise<FlushResult> {
+    const flushed = await this.flush(ckpt);
+    const missing = missingFrom(await readIndex(this.layout.pendingDir(ckpt)), expect);
+    if (missing) throw new Refusal('incomplete', `checkpoint ${ckpt} is incomplete here: ${missing}`);
+    return flushed;
   }
 
   /**
@@ -170,6 +182,7 @@ export class ShardStore {
         bytes: flushed.bytes,
       };
       await writeDurable(ckptFiles.commit(dir), JSON.stringify(record, null, 2) + '\n');
+      await fsyncDir(dir);
       await fs.promises.rename(dir, target);
       await fsyncDir(this.layout.committed);
       await fsyncDir(this.layout.pending);
@@ -255,6 +268,9 @@ export class ShardStore {
     const dir = this.layout.pendingDir(ckpt);
     if (!this.made.has(ckpt))
       throw new Refusal('not-found', `checkpoint ${ckpt} was not begun on this server`);
+    // A put racing the commit could miss the rename and be lost without anyone noticing.
+    if (this.committing.has(ckpt))
+      throw new Refusal('exists', `checkpoint ${ckpt} is being committed: no more puts`);
     return dir;
   }
 

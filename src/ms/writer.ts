@@ -33,6 +33,8 @@ interface Job {
   head: Buffer;
   data: Buffer;
   budget: Budget;
+  /** The checkpoint directory a failure is reported against. */
+  group: string;
 }
 
 interface Entry {
@@ -58,9 +60,9 @@ export class DiskWriter {
     return this.entries.size;
   }
 
-  write(file: string, head: Buffer, data: Buffer, budget: Budget): void {
+  write(file: string, head: Buffer, data: Buffer, budget: Budget, group: string): void {
     budget.charge(data.length);
-    const job = { head, data, budget };
+    const job = { head, data, budget, group };
     const entry = this.entries.get(file);
     if (!entry) {
       this.entries.set(file, { queued: job, running: false });
@@ -80,7 +82,7 @@ export class DiskWriter {
     return new Promise((resolve) => this.waiters.push({ prefix, resolve }));
   }
 
-  /** The first write error under `dir`, if any (and forgets it: the checkpoint is failed anyway). */
+  /** The first write error in group `dir`, if any (and forgets it: the checkpoint is failed anyway). */
   takeFailure(dir: string): string | undefined {
     const f = this.failures.get(dir);
     this.failures.delete(dir);
@@ -123,10 +125,8 @@ export class DiskWriter {
         await fh.close();
       }
     } catch (err) {
-      // Keyed by the checkpoint directory (…/<pending>/<ckpt>), three levels above an extent file.
-      const dir = ckptDirOf(file);
       const text = `cannot write ${file}: ${(err as Error).message}`;
-      if (!this.failures.has(dir)) this.failures.set(dir, text);
+      if (!this.failures.has(job.group)) this.failures.set(job.group, text);
       this.log(text);
     }
   }
@@ -140,10 +140,4 @@ export class DiskWriter {
     }
     this.waiters = still;
   }
-}
-
-/** `<root>/pending/<ckpt>/{extents/<b>/<k>,blobs/<n>}` → `<root>/pending/<ckpt>`. */
-export function ckptDirOf(file: string): string {
-  const m = /^(.*\/pending\/[^/]+)\//.exec(file);
-  return m?.[1] ?? file;
 }

@@ -191,6 +191,83 @@ describe('tlc serve: memory servers on loopback', () => {
     survivors.close();
   });
 
+  it('a server SIGKILLed mid-checkpoint: the commit is refused and nothing is listed, unless one replica is enough', async () => {
+    const servers = await Promise.all([serve('m0'), serve('m1'), serve('m2')]);
+    const urls = servers.map((s) => s.url);
+    const set = await ServerSet.connect(urls, { secret, replicas: 2 });
+    const ckpt = 'midway-1';
+    const c = fakeCheckpoint(12);
+    const ram = c.blocks['pc.ram'] as Buffer[];
+    await set.begin(ckpt);
+    for (let index = 0; index < 6; index++)
+      await set.putExtent({
+        ckpt,
+        block: 'pc.ram',
+        index,
+        offset: index * EXTENT,
+        data: ram[index] as Buffer,
+      });
+    await sigkill(servers[2] as Served);
+    const results = [];
+    for (let index = 6; index < 12; index++)
+      results.push(
+        await set.putExtent({
+          ckpt,
+          block: 'pc.ram',
+          index,
+          offset: index * EXTENT,
+          data: ram[index] as Buffer,
+        }),
+      );
+    // Extents placed on server 2 (k mod 3 = 1 or 2) now have one holder; the put says which.
+    assert.deepEqual(results[1]?.holders, [servers[1]?.url]);
+    assert.equal(results[1]?.failed[0]?.url, servers[2]?.url);
+    await set.putExtent({
+      ckpt,
+      block: '/rom@etc/acpi/tables',
+      index: 0,
+      offset: 0,
+      data: c.blocks['/rom@etc/acpi/tables']?.[0] as Buffer,
+    });
+    for (const [name, data] of Object.entries(c.blobs)) await set.putBlob(ckpt, name, data);
+    const counts = { 'pc.ram': 12, '/rom@etc/acpi/tables': 1 };
+    await assert.rejects(
+      set.commit(ckpt, counts, Object.keys(c.blobs)),
+      /is durable on 1 of 2 servers, need 2/,
+    );
+    assert.deepEqual(await set.list(), [], 'a refused commit is listed nowhere');
+    // The caller's policy may accept one replica: then it commits on the two survivors.
+    const done = await set.commit(ckpt, counts, Object.keys(c.blobs), { minReplicas: 1 });
+    assert.deepEqual(done.committed.sort(), [servers[0]?.url, servers[1]?.url].sort());
+    assert.deepEqual(
+      (await set.list()).map((l) => [l.id, l.servers.length]),
+      [[ckpt, 2]],
+    );
+    await fetchAll(set, ckpt, c);
+    set.close();
+  });
+
+  it('a stalled server (SIGSTOP): a hedged fetch takes the other replica without waiting for the timeout', async () => {
+    const servers = await Promise.all([serve('h0'), serve('h1')]);
+    const set = await ServerSet.connect(
+      servers.map((s) => s.url),
+      { secret, replicas: 2, hedgeAfterMs: 200, requestTimeoutMs: 10_000 },
+    );
+    const c = fakeCheckpoint(2);
+    await upload(set, 'hedge-1', c);
+    servers[0]?.proc.child.kill('SIGSTOP');
+    try {
+      const t0 = Date.now();
+      const got = await set.getExtent('hedge-1', 'pc.ram', 0);
+      assert.equal(got.from, servers[1]?.url);
+      assert.ok(got.data.equals(c.blocks['pc.ram']?.[0] as Buffer));
+      assert.ok(Date.now() - t0 < 2000, `took ${Date.now() - t0} ms`);
+    } finally {
+      servers[0]?.proc.child.kill('SIGCONT');
+    }
+    set.close();
+  });
+
   it('refuses a wrong secret and a wrong protocol version with clear errors on both sides', async () => {
     const s = await serve('auth');
     await assert.rejects(MemoryServerClient.connect(s.url, { secret: randomBytes(32) }), (err: unknown) => {

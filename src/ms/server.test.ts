@@ -157,6 +157,17 @@ describe('memory server (in process)', () => {
     c.close();
   });
 
+  it('listens on a unix socket too, and removes it when stopped', async () => {
+    const sock = path.join(base, 'ms.sock');
+    const { server } = await start('unix', { listen: { kind: 'unix', path: sock } });
+    assert.equal(server.url, `unix:${sock}`);
+    const c = await MemoryServerClient.connect(`unix:${sock}`, { secret });
+    assert.deepEqual(await c.list(), []);
+    c.close();
+    await server.close();
+    assert.ok(!fs.existsSync(sock));
+  });
+
   it('rejects outstanding requests cleanly when the server goes away', async () => {
     const { server } = await start('gone');
     const c = await MemoryServerClient.connect(server.url, { secret });

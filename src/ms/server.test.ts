@@ -157,6 +157,15 @@ describe('memory server (in process)', () => {
     c.close();
   });
 
+  it('refuses a second server on the same data directory, before discarding anything', async () => {
+    const { server } = await start('locked');
+    const c = await MemoryServerClient.connect(server.url, { secret });
+    await c.begin('in-progress');
+    await assert.rejects(start('locked'), /data directory .* is in use by another memory server \(pid \d+\)/);
+    assert.ok(fs.existsSync(path.join(base, 'locked', 'pending', 'in-progress')));
+    c.close();
+  });
+
   it('listens on a unix socket too, and removes it when stopped', async () => {
     const sock = path.join(base, 'ms.sock');
     const { server } = await start('unix', { listen: { kind: 'unix', path: sock } });
@@ -168,16 +177,16 @@ describe('memory server (in process)', () => {
     assert.ok(!fs.existsSync(sock));
   });
 
-  it('rejects outstanding requests cleanly when the server goes away', async () => {
+  it('on shutdown finishes requests in progress, then tells the client why it closes', async () => {
     const { server } = await start('gone');
     const c = await MemoryServerClient.connect(server.url, { secret });
     await c.begin('x');
-    const closing = server.close();
-    await closing;
+    await c.putExtent({ ckpt: 'x', block: 'pc.ram', index: 0, offset: 0, data: randomBytes(1 << 20) });
+    const flushing = c.flush('x');
+    await sleep(5);
+    await server.close();
+    assert.equal((await flushing).extents, 1, 'the flush in progress completed');
     await sleep(50);
-    await assert.rejects(
-      c.list(),
-      (err: unknown) => err instanceof Error && 'code' in err && err.code === 'E_MS_CLOSED',
-    );
+    await assert.rejects(c.list(), /dropped the connection: the memory server is stopping/);
   });
 });

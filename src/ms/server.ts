@@ -85,15 +85,20 @@ export class MemoryServer {
     // at 64 bytes, the idle timeout drops it); this bounds how many a stranger can hold open.
     server.maxConnections = MAX_CONNECTIONS;
     if (opts.listen.kind === 'unix') removeStaleSocket(opts.listen.path);
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      const done = (): void => {
-        server.off('error', reject);
-        resolve();
-      };
-      if (opts.listen.kind === 'unix') server.listen(opts.listen.path, done);
-      else server.listen(opts.listen.port, opts.listen.host, done);
-    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        const done = (): void => {
+          server.off('error', reject);
+          resolve();
+        };
+        if (opts.listen.kind === 'unix') server.listen(opts.listen.path, done);
+        else server.listen(opts.listen.port, opts.listen.host, done);
+      });
+    } catch (err) {
+      await store.close(); // releases the data directory
+      throw err;
+    }
     const bound = server.address();
     const address: Address =
       opts.listen.kind === 'tcp' && bound && typeof bound === 'object'
@@ -124,7 +129,7 @@ export class MemoryServer {
     for (const c of this.connections) c.quiesce();
     await Promise.all([...this.connections].map((c) => c.settled()));
     await this.store.close();
-    for (const c of this.connections) c.destroy();
+    for (const c of this.connections) c.stop();
     await stopped;
     if (this.options.listen.kind === 'unix') fs.rmSync(this.options.listen.path, { force: true });
   }
@@ -187,9 +192,9 @@ class Connection {
     while (this.inProgress.size > 0) await Promise.allSettled([...this.inProgress]);
   }
 
-  destroy(): void {
-    this.state = 'closing';
-    this.socket.destroy();
+  /** Shutdown, once nothing is in progress: tells the peer why, then closes. */
+  stop(): void {
+    this.refuse('shutting-down', 'the memory server is stopping', 'closing: the server is stopping');
   }
 
   private onData(chunk: Buffer): void {
@@ -366,9 +371,9 @@ class Connection {
   }
 
   /** Tells the peer why in an ERROR frame, logs it, and closes the connection. */
-  private refuse(code: RemoteCode, message: string): void {
+  private refuse(code: RemoteCode, message: string, logLine = `refused: ${message}`): void {
     if (this.state === 'closing') return;
-    this.log(`refused: ${message}`);
+    this.log(logLine);
     this.send(FRAME.ERROR, 0, [jsonPayload({ code, message })]);
     this.state = 'closing';
     this.socket.end();

@@ -9,6 +9,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { errorText, isErrnoCode } from '../core/errors.js';
+import { type ProcessIdentity, identify, isAlive } from '../vm/process.js';
 import { Refusal } from './errors.js';
 import {
   Layout,
@@ -69,6 +70,9 @@ export class ShardStore {
     const layout = new Layout(opts.dataDir);
     fs.mkdirSync(layout.pending, { recursive: true, mode: 0o700 });
     fs.mkdirSync(layout.committed, { recursive: true, mode: 0o700 });
+    // Before anything is discarded: a second server on the same directory would throw away the
+    // first one's uploads in progress.
+    lockDataDir(layout.root);
     const idFile = path.join(layout.root, 'server-id');
     let id: string;
     try {
@@ -262,6 +266,7 @@ export class ShardStore {
   async close(): Promise<void> {
     await this.writer.idle();
     await this.flushChain;
+    unlockDataDir(this.layout.root);
   }
 
   private begun(ckpt: string): string {
@@ -302,6 +307,42 @@ export class ShardStore {
     void job.then(() => {
       if (this.flushing.get(ckpt) === job) this.flushing.delete(ckpt);
     });
+  }
+}
+
+const LOCK_FILE = 'server.lock';
+
+/** Claims the data directory for this process (pid and start time, so a reused pid is no owner). */
+function lockDataDir(root: string): void {
+  const file = path.join(root, LOCK_FILE);
+  const me = identify(process.pid);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      fs.writeFileSync(file, JSON.stringify(me) + '\n', { flag: 'wx', mode: 0o600 });
+      return;
+    } catch (err) {
+      if (!isErrnoCode(err, 'EEXIST')) throw err;
+    }
+    let owner: ProcessIdentity | undefined;
+    try {
+      owner = JSON.parse(fs.readFileSync(file, 'utf8')) as ProcessIdentity;
+    } catch {
+      owner = undefined;
+    }
+    if (owner && typeof owner.pid === 'number' && isAlive(owner))
+      throw new Error(`data directory ${root} is in use by another memory server (pid ${owner.pid})`);
+    fs.rmSync(file, { force: true }); // left by a server that died
+  }
+  throw new Error(`cannot lock data directory ${root}`);
+}
+
+function unlockDataDir(root: string): void {
+  const file = path.join(root, LOCK_FILE);
+  try {
+    const owner = JSON.parse(fs.readFileSync(file, 'utf8')) as ProcessIdentity;
+    if (owner.pid === process.pid) fs.rmSync(file, { force: true });
+  } catch {
+    // already gone
   }
 }
 

@@ -8,7 +8,8 @@ import { after, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MemoryServerClient } from './client.js';
 import { RemoteError } from './errors.js';
-import { FRAME, FrameDecoder, frameParts } from './protocol.js';
+import { clientProof, newNonce } from './auth.js';
+import { FRAME, FrameDecoder, encodeExtentHead, frameParts, type FrameType } from './protocol.js';
 import { MemoryServer, type MemoryServerOptions } from './server.js';
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), 'tlc-ms-server-'));
@@ -163,6 +164,94 @@ describe('memory server (in process)', () => {
     await c.begin('in-progress');
     await assert.rejects(start('locked'), /data directory .* is in use by another memory server \(pid \d+\)/);
     assert.ok(fs.existsSync(path.join(base, 'locked', 'pending', 'in-progress')));
+    c.close();
+  });
+
+  it('survives random requests from an authenticated peer and keeps serving', async () => {
+    const { server } = await start('fuzz');
+    const port = server.address.kind === 'tcp' ? server.address.port : 0;
+    const socket = net.connect({ host: '127.0.0.1', port });
+    socket.on('error', () => {});
+    const frames: Array<{ type: number; id: number; payload: Buffer }> = [];
+    const decoder = new FrameDecoder((type, id, payload) => frames.push({ type, id, payload }));
+    socket.on('data', (c: Buffer) => decoder.push(c));
+    const closed = new Promise<void>((r) => socket.once('close', () => r()));
+    const waitFrames = async (n: number): Promise<void> => {
+      for (let i = 0; i < 200 && frames.length < n; i++) await sleep(10);
+    };
+    const send = (type: FrameType, id: number, payload: Buffer): void => {
+      for (const p of frameParts(type, id, [payload])) socket.write(p);
+    };
+    await new Promise((r) => socket.once('connect', r));
+    const cn = newNonce();
+    send(FRAME.HELLO, 0, cn);
+    await waitFrames(1);
+    send(FRAME.AUTH, 0, clientProof(secret, cn, frames[0]?.payload as Buffer));
+    await waitFrames(2);
+    assert.equal(frames[1]?.type, FRAME.WELCOME);
+
+    const requests: FrameType[] = [
+      FRAME.BEGIN,
+      FRAME.PUT_EXTENT,
+      FRAME.PUT_BLOB,
+      FRAME.FLUSH,
+      FRAME.PREPARE,
+      FRAME.COMMIT,
+      FRAME.LIST,
+      FRAME.INDEX,
+      FRAME.GET_EXTENT,
+      FRAME.GET_BLOB,
+      FRAME.REMOVE,
+      FRAME.OK,
+      FRAME.EXTENT,
+    ];
+    const json = [
+      '{}',
+      'null',
+      '[]',
+      '{"ckpt":"../x"}',
+      '{"ckpt":"a","expect":{"extents":{"x":[-1]}}}',
+      '{"ckpt":"a","block":"/../../x","index":1e20}',
+      '{"ckpt":"a","name":".."}',
+      '{"ckpt":1}',
+      'not json',
+    ];
+    let id = 1;
+    const deadline = Date.now() + 700;
+    while (Date.now() < deadline) {
+      for (const type of requests) {
+        const r = Math.random();
+        const payload =
+          r < 0.4
+            ? Buffer.from(json[id % json.length] as string)
+            : r < 0.7
+              ? Buffer.concat([
+                  encodeExtentHead({
+                    ckpt: id % 2 ? 'a' : '..',
+                    block: 'b/../c',
+                    index: id,
+                    offset: 0,
+                    sha256: randomBytes(32),
+                  }),
+                  randomBytes(id % 64),
+                ])
+              : randomBytes(id % 300);
+        send(type, id++, payload);
+      }
+      await sleep(1);
+    }
+    await waitFrames(id + 1);
+    // Every request got an answer (almost all refusals), and nothing escaped the data directory.
+    assert.equal(frames.length, id + 1, 'one answer per request');
+    assert.ok(frames.slice(2).every((f) => f.type === FRAME.ERROR || f.type === FRAME.OK));
+    assert.deepEqual(
+      fs.readdirSync(base).filter((f) => /^[xc]$/.test(f)),
+      [],
+    );
+    socket.destroy();
+    await closed;
+    const c = await MemoryServerClient.connect(server.url, { secret });
+    assert.ok(Array.isArray(await c.list()));
     c.close();
   });
 

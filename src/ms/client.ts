@@ -83,6 +83,8 @@ export class MemoryServerClient {
   /** `host:port` (or socket path): how errors name this server. */
   readonly name: string;
   private readonly pending = new Map<number, Pending>();
+  /** Requests given up on (timeout): their late answers are dropped, not taken for a protocol error. */
+  private readonly abandoned = new Set<number>();
   private readonly slotWaiters: Array<() => void> = [];
   private nextId = 1;
   private closedError: MsError | undefined;
@@ -360,6 +362,7 @@ export class MemoryServerClient {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
+        this.abandoned.add(id);
         this.releaseSlot();
         reject(
           new MsError(
@@ -411,10 +414,12 @@ export class MemoryServerClient {
         this.socket.destroy();
         return;
       }
+      if (this.abandoned.delete(id)) return;
       const p = this.take(id);
       p?.reject(new RemoteError(this.name, code, `memory server ${this.name} refused ${p.what}: ${reason}`));
       return;
     }
+    if (this.abandoned.delete(id)) return;
     const p = this.take(id);
     if (!p) {
       this.shutdown(

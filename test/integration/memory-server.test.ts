@@ -286,7 +286,7 @@ describe('tlc serve: memory servers on loopback', () => {
   });
 
   it('survives a peer sending garbage and a peer that stalls, and keeps serving others', async () => {
-    const s = await serve('peers', ['--idle-timeout', '500ms']);
+    const s = await serve('peers', ['--idle-timeout-ms', '500']);
     const good = await MemoryServerClient.connect(s.url, { secret });
     const garbage = await rawPeer(s.url);
     garbage.socket.write(randomBytes(4096));

@@ -32,10 +32,12 @@ import {
   decodeExtent,
   encodeBlobHead,
   encodeExtentHead,
+  encodePagesHead,
   frameName,
   frameParts,
   jsonPayload,
   parseJson,
+  type PageRun,
 } from './protocol.js';
 
 export interface ClientOptions {
@@ -60,6 +62,15 @@ export interface ExtentPut {
   data: Buffer;
   /** SHA-256 of `data`; computed when absent. */
   sha256?: Buffer;
+}
+
+export interface PagesPut {
+  ckpt: string;
+  block: string;
+  /** The extent the pages belong to. */
+  index: number;
+  /** New contents, each at a byte offset within the extent (at most MAX_RUNS runs). */
+  runs: PageRun[];
 }
 
 export interface Extent {
@@ -246,6 +257,27 @@ export class MemoryServerClient {
       sha256: sum,
     });
     await this.request(FRAME.PUT_EXTENT, [head, e.data], `put ${e.block}[${e.index}] of ${e.ckpt}`);
+  }
+
+  /**
+   * Sends new contents for parts of an extent sent before (pre-copy re-sends of dirty pages): the
+   * server patches its copy. `runs` offsets are within the extent.
+   */
+  async putPages(p: PagesPut): Promise<void> {
+    const hash = createHash('sha256');
+    for (const run of p.runs) hash.update(run.data);
+    const head = encodePagesHead({
+      ckpt: p.ckpt,
+      block: p.block,
+      index: p.index,
+      runs: p.runs,
+      sha256: hash.digest(),
+    });
+    await this.request(
+      FRAME.PUT_PAGES,
+      [head, ...p.runs.map((r) => r.data)],
+      `put ${p.runs.length} page run(s) of ${p.block}[${p.index}] of ${p.ckpt}`,
+    );
   }
 
   async putBlob(ckpt: string, name: string, data: Buffer): Promise<void> {

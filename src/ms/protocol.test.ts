@@ -10,8 +10,10 @@ import {
   PROTOCOL_VERSION,
   decodeBlob,
   decodeExtent,
+  decodePages,
   encodeBlobHead,
   encodeExtentHead,
+  encodePagesHead,
   encodeHeader,
   frameParts,
   maxPayload,
@@ -192,5 +194,40 @@ describe('records', () => {
     );
     assert.deepEqual([r.ckpt, r.name, r.data.toString()], ['c1', 'manifest.json', '{"manifest":1}']);
     assert.throws(() => encodeBlobHead({ ckpt: '', name: 'x', sha256 }), RangeError);
+  });
+
+  it('round-trips a pages record and refuses runs outside an extent or data of the wrong length', () => {
+    const runs = [
+      { at: 0, data: randomBytes(4096) },
+      { at: 8192, data: randomBytes(100) },
+    ];
+    const sha256 = createHash('sha256')
+      .update(runs[0]?.data as Buffer)
+      .update(runs[1]?.data as Buffer)
+      .digest();
+    const head = encodePagesHead({ ckpt: 'c1', block: 'pc.ram', index: 5, runs, sha256 });
+    const r = decodePages(Buffer.concat([head, ...runs.map((x) => x.data)]));
+    assert.deepEqual(
+      r.runs.map((x) => [x.at, x.data.length]),
+      [
+        [0, 4096],
+        [8192, 100],
+      ],
+    );
+    assert.ok(r.runs[1]?.data.equals(runs[1]?.data as Buffer));
+    assert.equal(r.index, 5);
+    assert.throws(
+      () => decodePages(Buffer.concat([head, runs[0]?.data as Buffer])),
+      /carries 4096 data bytes, its runs say 4196/,
+    );
+    const outside = encodePagesHead({
+      ckpt: 'c1',
+      block: 'b',
+      index: 0,
+      runs: [{ at: MAX_EXTENT_BYTES - 1, data: Buffer.alloc(2) }],
+      sha256,
+    });
+    assert.throws(() => decodePages(Buffer.concat([outside, Buffer.alloc(2)])), /outside an extent/);
+    assert.throws(() => encodePagesHead({ ckpt: 'c1', block: 'b', index: 0, runs: [], sha256 }), RangeError);
   });
 });

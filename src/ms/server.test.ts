@@ -111,6 +111,59 @@ describe('memory server (in process)', () => {
     c.close();
   });
 
+  it('patches pages of an extent (pre-copy re-sends), buffered or already on disk, and recomputes its checksum', async () => {
+    const { server } = await start('pages');
+    const c = await MemoryServerClient.connect(server.url, { secret });
+    await c.begin('p1');
+    const expected = [randomBytes(1 << 20), randomBytes(1 << 20)];
+    const patch = (k: number, at: number, len: number): { at: number; data: Buffer } => {
+      const data = randomBytes(len);
+      data.copy(expected[k] as Buffer, at);
+      return { at, data };
+    };
+    // Extent 0: pages sent right behind the extent (probably still buffered when they arrive).
+    const first = Buffer.from(expected[0] as Buffer);
+    const runs0 = [patch(0, 0, 4096), patch(0, 65536, 8192)];
+    await Promise.all([
+      c.putExtent({ ckpt: 'p1', block: 'pc.ram', index: 0, offset: 0, data: first }),
+      c.putPages({ ckpt: 'p1', block: 'pc.ram', index: 0, runs: runs0 }),
+    ]);
+    // Extent 1: written and fsynced first, then patched twice on disk.
+    await c.putExtent({
+      ckpt: 'p1',
+      block: 'pc.ram',
+      index: 1,
+      offset: 1 << 20,
+      data: Buffer.from(expected[1] as Buffer),
+    });
+    await c.flush('p1');
+    await c.putPages({ ckpt: 'p1', block: 'pc.ram', index: 1, runs: [patch(1, 4096, 4096)] });
+    await c.putPages({
+      ckpt: 'p1',
+      block: 'pc.ram',
+      index: 1,
+      runs: [patch(1, (1 << 20) - 4096, 4096), patch(1, 0, 10)],
+    });
+    await c.commit('p1', { extents: { 'pc.ram': [0, 1] } });
+    for (const k of [0, 1]) {
+      const got = await c.getExtent('p1', 'pc.ram', k); // the client verifies the recomputed checksum
+      assert.ok(got.data.equals(expected[k] as Buffer), `extent ${k}`);
+    }
+    // Pages for an extent never sent, or beyond its end, fail the checkpoint at flush.
+    await c.begin('p2');
+    await c.putExtent({ ckpt: 'p2', block: 'pc.ram', index: 0, offset: 0, data: randomBytes(4096) });
+    await c.flush('p2');
+    await c.putPages({ ckpt: 'p2', block: 'pc.ram', index: 9, runs: [{ at: 0, data: randomBytes(10) }] });
+    await assert.rejects(c.flush('p2'), /never sent whole/);
+    await c.putPages({ ckpt: 'p2', block: 'pc.ram', index: 0, runs: [{ at: 4000, data: randomBytes(200) }] });
+    await assert.rejects(c.flush('p2'), /beyond the extent's 4096 bytes/);
+    await assert.rejects(
+      c.putPages({ ckpt: 'p2', block: 'other', index: 0, runs: [{ at: 0, data: randomBytes(1) }] }),
+      /no extent was sent/,
+    );
+    c.close();
+  });
+
   it('answers garbage with an ERROR frame and disconnects that peer only', async () => {
     const { server, logs } = await start('garbage');
     const c = await MemoryServerClient.connect(server.url, { secret });
@@ -193,6 +246,7 @@ describe('memory server (in process)', () => {
     const requests: FrameType[] = [
       FRAME.BEGIN,
       FRAME.PUT_EXTENT,
+      FRAME.PUT_PAGES,
       FRAME.PUT_BLOB,
       FRAME.FLUSH,
       FRAME.PREPARE,

@@ -30,6 +30,7 @@ import {
   type FrameType,
   decodeBlob,
   decodeExtent,
+  decodePages,
   encodeBlobHead,
   encodeExtentHead,
   frameName,
@@ -301,6 +302,9 @@ class Connection {
         return ok();
       case FRAME.PUT_BLOB:
         store.putBlob(decodeBlob(payload), this.budget);
+        return ok();
+      case FRAME.PUT_PAGES:
+        store.putPages(decodePages(payload), this.budget);
         return ok();
       case FRAME.FLUSH:
         return (async () => {

@@ -10,7 +10,14 @@
  * (`commit(..., { minReplicas })`), never decided silently here.
  */
 import { TlcError, errorText } from '../core/errors.js';
-import { type ClientOptions, type Extent, type ExtentPut, MemoryServerClient, sha256 } from './client.js';
+import {
+  type ClientOptions,
+  type Extent,
+  type ExtentPut,
+  MemoryServerClient,
+  type PagesPut,
+  sha256,
+} from './client.js';
 import { MsError, RemoteError } from './errors.js';
 import type { CheckpointInfo, CommitExpectation } from './messages.js';
 import { placeExtent } from './placement.js';
@@ -130,6 +137,30 @@ export class ServerSet {
       throw new MsError(
         'E_MS_CONNECT',
         `no replica took extent ${e.block}[${e.index}]: ${result.failed.map((f) => f.error).join('; ')}`,
+      );
+    return result;
+  }
+
+  /** Sends page runs of an extent already sent to its replicas (pre-copy re-sends); resolves with who took them. */
+  async putPages(p: PagesPut): Promise<PutResult> {
+    const placed = placeExtent(p.index, this.members.length, this.replicas).map(
+      (i) => this.members[i] as Member,
+    );
+    const result: PutResult = { holders: [], failed: [] };
+    await Promise.all(
+      placed.map(async (m) => {
+        try {
+          await this.call(m, (c) => c.putPages(p));
+          result.holders.push(m.url);
+        } catch (err) {
+          result.failed.push({ url: m.url, error: errorText(err) });
+        }
+      }),
+    );
+    if (result.holders.length === 0)
+      throw new MsError(
+        'E_MS_CONNECT',
+        `no replica took pages of extent ${p.block}[${p.index}]: ${result.failed.map((f) => f.error).join('; ')}`,
       );
     return result;
   }

@@ -19,11 +19,10 @@ import {
   ckptFiles,
   blockFromDir,
   decodeObject,
-  encodeObjectHead,
   type StoredObject,
 } from './layout.js';
 import type { CheckpointIndex, CheckpointInfo, CommitExpectation, FlushResult } from './messages.js';
-import type { BlobRecord, ExtentRecord } from './protocol.js';
+import type { BlobRecord, ExtentRecord, PagesRecord } from './protocol.js';
 import { Budget, DiskWriter } from './writer.js';
 
 export interface ShardStoreOptions {
@@ -117,14 +116,29 @@ export class ShardStore {
       made.add(block);
     }
     const file = this.layout.inside(ckptFiles.extent(dir, block, r.index));
-    this.writer.write(file, encodeObjectHead(r.offset, r.data.length, r.sha256), r.data, budget, dir);
+    this.writer.write(file, r.offset, r.data, r.sha256, budget, dir);
+  }
+
+  /** Patches pages of an extent sent before (pre-copy re-sends); the runs' checksum is verified first. */
+  putPages(r: PagesRecord, budget: Budget): void {
+    const dir = this.begun(r.ckpt);
+    const block = checkBlock(r.block);
+    checkIndex(r.index);
+    const hash = createHash('sha256');
+    for (const run of r.runs) hash.update(run.data);
+    if (!hash.digest().equals(r.sha256))
+      throw new Refusal('corrupt', `pages of extent ${r.block}[${r.index}] arrived with a wrong checksum`);
+    if (!this.made.get(r.ckpt)?.has(block))
+      throw new Refusal('not-found', `pages for block ${r.block}, of which no extent was sent`);
+    const file = this.layout.inside(ckptFiles.extent(dir, block, r.index));
+    this.writer.patch(file, r.runs, budget, dir);
   }
 
   putBlob(r: BlobRecord, budget: Budget): void {
     const dir = this.begun(r.ckpt);
     const file = this.layout.inside(ckptFiles.blob(dir, checkName(r.name, 'blob name')));
     verifySum(r.data, r.sha256, `blob ${r.name}`);
-    this.writer.write(file, encodeObjectHead(0, r.data.length, r.sha256), r.data, budget, dir);
+    this.writer.write(file, 0, r.data, r.sha256, budget, dir);
   }
 
   /** Resolves once everything received for `ckpt` is on disk and fsynced, directories included. */

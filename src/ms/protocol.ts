@@ -12,8 +12,9 @@
  * | 8      | 4    | request id: a response carries its request's id; 0 = connection |
  * | 12     | 4    | payload length, checked against the type's limit before buffering |
  *
- * The first 8 bytes keep this layout in every future version, so a peer can always read the
- * version and an ERROR frame from a peer that speaks another version, and say so clearly.
+ * The first 8 bytes keep this layout in every future version, and HELLO (type 1, payload at most
+ * MAX_HELLO_BYTES) and ERROR (type 5, JSON) keep theirs, so a peer can always read the version and
+ * an ERROR frame from a peer that speaks another version, and say so clearly.
  *
  * Extent record (payload of PUT_EXTENT and EXTENT):
  *
@@ -83,6 +84,8 @@ export const MAX_EXTENT_BYTES = 4 * 1024 * 1024;
 export const MAX_BLOB_BYTES = 4 * 1024 * 1024;
 export const MAX_CONTROL_BYTES = 1024 * 1024;
 export const SHA256_BYTES = 32;
+/** Room for later versions' HELLO (version 1 sends a 32-byte nonce); also the pre-auth frame cap. */
+export const MAX_HELLO_BYTES = 1024;
 /** Largest record head: id (1+255), name (2+65535 is allowed by the field, 1 KiB by policy), index, offset, sum. */
 export const MAX_NAME_BYTES = 1024;
 const MAX_RECORD_HEAD = 1 + 255 + 2 + MAX_NAME_BYTES + 4 + 8 + SHA256_BYTES;
@@ -93,6 +96,7 @@ export const MAX_RUNS = MAX_EXTENT_BYTES / 4096;
 export function maxPayload(type: number): number {
   switch (type) {
     case FRAME.HELLO:
+      return MAX_HELLO_BYTES;
     case FRAME.CHALLENGE:
     case FRAME.AUTH:
     case FRAME.WELCOME:
@@ -197,8 +201,8 @@ export class FrameDecoder {
   private offset = 0;
   private failed: ProtocolError | undefined;
   /**
-   * Extra cap on every payload, below the per-type limits: a server keeps it tiny until the peer
-   * has authenticated, so a stranger cannot make it buffer megabytes.
+   * Extra cap on every payload, below the per-type limits: a server keeps it at MAX_HELLO_BYTES
+   * until the peer has authenticated, so a stranger cannot make it buffer megabytes.
    */
   payloadCap = Number.POSITIVE_INFINITY;
 

@@ -26,6 +26,7 @@ import {
 import {
   FRAME,
   FrameDecoder,
+  MAX_HELLO_BYTES,
   PROTOCOL_VERSION,
   type FrameType,
   decodeBlob,
@@ -83,7 +84,7 @@ export class MemoryServer {
     });
     const server = net.createServer({ noDelay: true });
     // Each connection costs a socket and little else before it authenticates (frames are capped
-    // at 64 bytes, the idle timeout drops it); this bounds how many a stranger can hold open.
+    // at 1 KiB, the idle timeout drops it); this bounds how many a stranger can hold open.
     server.maxConnections = MAX_CONNECTIONS;
     if (opts.listen.kind === 'unix') removeStaleSocket(opts.listen.path);
     try {
@@ -168,8 +169,8 @@ class Connection {
     this.log = (line) => server.options.log(`${this.peer}: ${line}`);
     this.budget = new Budget(server.options.connectionBudget, () => this.flow());
     this.decoder = new FrameDecoder((type, id, payload, version) => this.onFrame(type, id, payload, version));
-    // Until the peer has proven the secret it may only send handshake frames (64 bytes at most).
-    this.decoder.payloadCap = 64;
+    // Until the peer has proven the secret it may only send handshake frames (1 KiB at most).
+    this.decoder.payloadCap = MAX_HELLO_BYTES;
     this.log('connected');
     socket.setTimeout(server.options.idleTimeoutMs);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));

@@ -48,6 +48,11 @@ export interface ClientOptions {
   requestTimeoutMs?: number;
   /** Requests outstanding at once. Default 16 (with 4 MiB extents: 64 MiB in flight). */
   maxInFlight?: number;
+  /**
+   * Ping the server after this long without a request, so a connection kept open between
+   * checkpoints outlives the server's idle timeout (default 30 s). Default: no pings.
+   */
+  keepAliveMs?: number;
   /** Tests only: speak another protocol version. */
   protocolVersion?: number;
 }
@@ -102,6 +107,8 @@ export class MemoryServerClient {
   private readonly decoder: FrameDecoder;
   private readonly requestTimeoutMs: number;
   private readonly maxInFlight: number;
+  private keepAlive: NodeJS.Timeout | undefined;
+  private lastRequestAt = Date.now();
 
   private constructor(
     private readonly socket: net.Socket,
@@ -113,6 +120,14 @@ export class MemoryServerClient {
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 120_000;
     this.maxInFlight = opts.maxInFlight ?? 16;
     this.decoder = decoder;
+    const every = opts.keepAliveMs;
+    if (every !== undefined) {
+      this.keepAlive = setInterval(() => {
+        if (this.pending.size === 0 && Date.now() - this.lastRequestAt >= every)
+          void this.ping().catch(() => {});
+      }, every);
+      this.keepAlive.unref();
+    }
   }
 
   /** Connects and authenticates; rejects with E_MS_CONNECT, E_MS_AUTH (refused, with the server's reason) or E_MS_TIMEOUT. */
@@ -240,6 +255,10 @@ export class MemoryServerClient {
 
   get inFlight(): number {
     return this.pending.size;
+  }
+
+  async ping(): Promise<void> {
+    await this.request(FRAME.PING, [jsonPayload({})], 'ping');
   }
 
   async begin(ckpt: string): Promise<void> {
@@ -388,6 +407,7 @@ export class MemoryServerClient {
     while (this.pending.size >= this.maxInFlight && !this.closedError)
       await new Promise<void>((r) => this.slotWaiters.push(r));
     if (this.closedError) throw new MsError('E_MS_CLOSED', `${this.closedError.message} (${what} not sent)`);
+    this.lastRequestAt = Date.now();
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
     const frame = frameParts(type, id, parts);
@@ -478,6 +498,7 @@ export class MemoryServerClient {
   private shutdown(err: MsError): void {
     if (this.closedError) return;
     this.closedError = err;
+    clearInterval(this.keepAlive);
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
       clearTimeout(p.timer);

@@ -77,6 +77,8 @@ export const FRAME = {
   PREPARE: 22,
   /** Pages record: patch parts of an extent already sent (pre-copy re-sends of dirty pages). */
   PUT_PAGES: 23,
+  /** Keeps an idle connection from timing out; answered with OK. */
+  PING: 24,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 
@@ -115,6 +117,7 @@ export function maxPayload(type: number): number {
     case FRAME.FLUSH:
     case FRAME.COMMIT:
     case FRAME.PREPARE:
+    case FRAME.PING:
     case FRAME.LIST:
     case FRAME.INDEX:
     case FRAME.GET_EXTENT:

@@ -192,6 +192,15 @@ describe('memory server (in process)', () => {
     assert.ok(logs.some((l) => /stalled in the handshake/.test(l)));
   });
 
+  it('keeps an idle client connection alive with pings', async () => {
+    const { server } = await start('keepalive', { idleTimeoutMs: 300 });
+    const c = await MemoryServerClient.connect(server.url, { secret, keepAliveMs: 100 });
+    await sleep(800);
+    assert.ok(!c.closed);
+    assert.deepEqual(await c.list(), []);
+    c.close();
+  });
+
   it('stops reading a connection whose data outruns its budget, and still takes it all', async () => {
     const { server } = await start('budget', { connectionBudget: 8 * 1024 * 1024 });
     const c = await MemoryServerClient.connect(server.url, { secret, maxInFlight: 32 });
@@ -252,6 +261,7 @@ describe('memory server (in process)', () => {
       FRAME.PREPARE,
       FRAME.COMMIT,
       FRAME.LIST,
+      FRAME.PING,
       FRAME.INDEX,
       FRAME.GET_EXTENT,
       FRAME.GET_BLOB,

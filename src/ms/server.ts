@@ -330,6 +330,8 @@ class Connection {
           const { ckpt, expect } = parse(CommitRequest, payload);
           return ok(await store.prepare(ckpt, expect));
         })();
+      case FRAME.PING:
+        return ok();
       case FRAME.LIST:
         return store.list().then((checkpoints) => ok({ checkpoints }));
       case FRAME.INDEX:

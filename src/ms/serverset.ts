@@ -48,8 +48,9 @@ export interface FetchedExtent extends Extent {
   from: string;
 }
 
+/** A checkpoint as the set sees it; `blocks` and `bytes` are the share of the first server that answered. */
 export interface ListedCheckpoint extends CheckpointInfo {
-  /** URLs of the servers that list it (committed there). */
+  /** URLs of the servers that list it (committed there), in set order. */
   servers: string[];
 }
 
@@ -302,13 +303,14 @@ export class ServerSet {
   /** Checkpoints committed on any reachable server, each with the servers that list it. */
   async list(): Promise<ListedCheckpoint[]> {
     const byId = new Map<string, ListedCheckpoint>();
-    await this.everywhere(async (c) => {
+    await this.everywhere(async (c, m) => {
       for (const info of await c.list()) {
         const seen = byId.get(info.id);
-        if (seen) seen.servers.push(c.name);
-        else byId.set(info.id, { ...info, servers: [c.name] });
+        if (seen) seen.servers.push(m.url);
+        else byId.set(info.id, { ...info, servers: [m.url] });
       }
     });
+    for (const l of byId.values()) l.servers.sort((a, b) => this.urls.indexOf(a) - this.urls.indexOf(b));
     return [...byId.values()].sort((a, b) => a.committedAt.localeCompare(b.committedAt));
   }
 

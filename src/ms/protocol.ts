@@ -83,7 +83,12 @@ export const FRAME = {
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 
 export const MAX_EXTENT_BYTES = 4 * 1024 * 1024;
-export const MAX_BLOB_BYTES = 4 * 1024 * 1024;
+/**
+ * Device state is the largest blob: the stream reader accepts up to 64 MiB of it
+ * (DEFAULT_MAX_DEVICE_STATE_BYTES), so a blob may be as large. Only authenticated peers get past
+ * the 1 KiB pre-auth cap, and a blob counts against the connection's budget like extents do.
+ */
+export const MAX_BLOB_BYTES = 64 * 1024 * 1024;
 export const MAX_CONTROL_BYTES = 1024 * 1024;
 export const SHA256_BYTES = 32;
 /** Room for later versions' HELLO (version 1 sends a 32-byte nonce); also the pre-auth frame cap. */

@@ -176,7 +176,8 @@ export class ServerSet {
   /**
    * Commits `ckpt` in two phases, so that a checkpoint is listed only if it is complete:
    * 1. every server that is up flushes and checks it holds the extents placement put on it
-   *    (`extents`: number of extents per block, indices 0..n-1) and every blob (PREPARE);
+   *    (`extents` per block: a count n for indices 0..n-1, or the list of indices sent, as
+   *    ExtentFanout.finish() returns it) and every blob (PREPARE);
    * 2. if every extent is then durable on at least `minReplicas` servers (default: all `replicas`),
    *    the prepared servers publish it (COMMIT). Should a server fail between the phases and the
    *    coverage drop below `minReplicas`, the checkpoint is removed again from the others.
@@ -184,14 +185,14 @@ export class ServerSet {
    */
   async commit(
     ckpt: string,
-    extents: Record<string, number>,
+    extents: Record<string, number | number[]>,
     blobs: string[],
     opts: { minReplicas?: number } = {},
   ): Promise<{ committed: string[]; failed: Array<{ url: string; error: string }> }> {
     const minReplicas = opts.minReplicas ?? this.replicas;
     const expectations = this.members.map((): CommitExpectation => ({ extents: {}, blobs }));
-    for (const [block, count] of Object.entries(extents))
-      for (let k = 0; k < count; k++)
+    for (const [block, indices] of Object.entries(extentLists(extents)))
+      for (const k of indices)
         for (const i of placeExtent(k, this.members.length, this.replicas)) {
           const exp = (expectations[i] as CommitExpectation).extents as Record<string, number[]>;
           (exp[block] ??= []).push(k);
@@ -381,7 +382,7 @@ export class ServerSet {
   /** Throws unless every extent is on `minReplicas` servers of `holders`, and the blobs on as many. */
   private checkCoverage(
     ckpt: string,
-    extents: Record<string, number>,
+    extents: Record<string, number | number[]>,
     holders: Set<number>,
     minReplicas: number,
     failed: Array<{ url: string; error: string }>,
@@ -393,8 +394,8 @@ export class ServerSet {
         'E_MS_REMOTE',
         `checkpoint ${ckpt} is ${what} on ${holders.size} server(s), need ${minReplicas}: ${why()}`,
       );
-    for (const [block, count] of Object.entries(extents))
-      for (let k = 0; k < count; k++) {
+    for (const [block, indices] of Object.entries(extentLists(extents)))
+      for (const k of indices) {
         const n = placeExtent(k, this.members.length, this.replicas).filter((i) => holders.has(i)).length;
         if (n < minReplicas)
           throw new MsError(
@@ -410,4 +411,11 @@ export class ServerSet {
       `${what}: no memory server accepted it: ${failed.map((f) => f.error).join('; ')}`,
     );
   }
+}
+
+function extentLists(extents: Record<string, number | number[]>): Record<string, number[]> {
+  const out: Record<string, number[]> = {};
+  for (const [block, v] of Object.entries(extents))
+    out[block] = typeof v === 'number' ? Array.from({ length: v }, (_, k) => k) : v;
+  return out;
 }

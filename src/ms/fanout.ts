@@ -31,7 +31,7 @@ export interface FanoutOptions {
   maxPatchBytes?: number;
 }
 
-const NOT_STARTED = 0;
+/** Extent states (0: nothing received yet). */
 const FILLING = 1;
 const SENT = 2;
 const ZERO = 3;

@@ -193,9 +193,9 @@ describe('memory server (in process)', () => {
   });
 
   it('keeps an idle client connection alive with pings', async () => {
-    const { server } = await start('keepalive', { idleTimeoutMs: 300 });
+    const { server } = await start('keepalive', { idleTimeoutMs: 1000 });
     const c = await MemoryServerClient.connect(server.url, { secret, keepAliveMs: 100 });
-    await sleep(800);
+    await sleep(2500);
     assert.ok(!c.closed);
     assert.deepEqual(await c.list(), []);
     c.close();

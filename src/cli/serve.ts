@@ -1,10 +1,10 @@
-import type { Command } from 'commander';
+import { type Command, Option } from 'commander';
 import { TlcError, UsageError, errorText } from '../core/errors.js';
 import { parseAddress } from '../ms/address.js';
 import { readSecretFile } from '../ms/auth.js';
 import { MemoryServer } from '../ms/server.js';
 import { note } from './output.js';
-import { parseDuration } from './units.js';
+import { parseDuration, parsePositiveInt, parseSize } from './units.js';
 
 export function registerServeCommand(program: Command): void {
   program
@@ -20,16 +20,25 @@ export function registerServeCommand(program: Command): void {
     .requiredOption('--secret-file <file>', 'shared secret for peer authentication (mode 600)')
     .option('--flush-to <dir>', 'also copy committed checkpoints here in the background (shared file system)')
     .option('--idle-timeout <duration>', 'disconnect a peer silent this long', '30s')
-    .option('--connection-budget <MiB>', 'received data a connection may have waiting for the disk', '64')
+    // The spelling of the first design notes; flags carry their unit, so it is kept hidden.
+    .addOption(new Option('--idle-timeout-ms <n>', 'disconnect a peer silent this many ms').hideHelp())
+    .option(
+      '--connection-budget <size>',
+      'received data a connection may have waiting for the disk before the server stops reading it',
+      '64MiB',
+    )
     .option('--json', 'print the ready line as JSON on stdout')
     .action(async (o: Record<string, string | boolean | undefined>) => {
       const listen = parseAddress(String(o.listen), '--listen');
       const secret = readSecretFile(String(o.secretFile));
-      const idleTimeoutMs = parseDuration(String(o.idleTimeout), '--idle-timeout');
-      const budgetMiB = Number(o.connectionBudget);
-      if (!Number.isInteger(budgetMiB) || budgetMiB < 8)
+      const idleTimeoutMs =
+        o.idleTimeoutMs !== undefined
+          ? parsePositiveInt(String(o.idleTimeoutMs), '--idle-timeout-ms')
+          : parseDuration(String(o.idleTimeout), '--idle-timeout');
+      const connectionBudget = parseSize(String(o.connectionBudget), '--connection-budget');
+      if (connectionBudget < 8 * 1024 * 1024)
         throw new UsageError(
-          `--connection-budget needs a whole number of MiB, at least 8 (got "${o.connectionBudget}")`,
+          `--connection-budget must be at least 8MiB (two extents); got ${o.connectionBudget}`,
         );
       const log = (line: string): void => note(`tlc serve: ${line}`);
       let server: MemoryServer;
@@ -40,7 +49,7 @@ export function registerServeCommand(program: Command): void {
           secret,
           ...(o.flushTo ? { flushTo: String(o.flushTo) } : {}),
           idleTimeoutMs,
-          connectionBudget: budgetMiB * 1024 * 1024,
+          connectionBudget,
           log,
         });
       } catch (err) {

@@ -31,3 +31,12 @@ export function parseRate(value: string, flag: string): number {
     throw new UsageError(`${flag} needs a rate with a unit, e.g. 64MiB/s (got "${value}")`);
   return Math.round(Number(m[1]) * (RATE_UNITS[m[2]] ?? 1));
 }
+
+const SIZE_UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB: 1024 ** 2, GiB: 1024 ** 3 };
+
+/** Parses `64MiB`, `1GiB`, `512KiB` into bytes. */
+export function parseSize(value: string, flag: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)$/.exec(value.trim());
+  if (!m?.[1] || !m[2]) throw new UsageError(`${flag} needs a size with a unit, e.g. 64MiB (got "${value}")`);
+  return Math.round(Number(m[1]) * (SIZE_UNITS[m[2]] ?? 1));
+}

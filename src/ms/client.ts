@@ -32,10 +32,12 @@ import {
   decodeExtent,
   encodeBlobHead,
   encodeExtentHead,
+  encodePagesHead,
   frameName,
   frameParts,
   jsonPayload,
   parseJson,
+  type PageRun,
 } from './protocol.js';
 
 export interface ClientOptions {
@@ -46,6 +48,11 @@ export interface ClientOptions {
   requestTimeoutMs?: number;
   /** Requests outstanding at once. Default 16 (with 4 MiB extents: 64 MiB in flight). */
   maxInFlight?: number;
+  /**
+   * Ping the server after this long without a request, so a connection kept open between
+   * checkpoints outlives the server's idle timeout (default 30 s). Default: no pings.
+   */
+  keepAliveMs?: number;
   /** Tests only: speak another protocol version. */
   protocolVersion?: number;
 }
@@ -60,6 +67,15 @@ export interface ExtentPut {
   data: Buffer;
   /** SHA-256 of `data`; computed when absent. */
   sha256?: Buffer;
+}
+
+export interface PagesPut {
+  ckpt: string;
+  block: string;
+  /** The extent the pages belong to. */
+  index: number;
+  /** New contents, each at a byte offset within the extent (at most MAX_RUNS runs). */
+  runs: PageRun[];
 }
 
 export interface Extent {
@@ -83,12 +99,16 @@ export class MemoryServerClient {
   /** `host:port` (or socket path): how errors name this server. */
   readonly name: string;
   private readonly pending = new Map<number, Pending>();
+  /** Requests given up on (timeout): their late answers are dropped, not taken for a protocol error. */
+  private readonly abandoned = new Set<number>();
   private readonly slotWaiters: Array<() => void> = [];
   private nextId = 1;
   private closedError: MsError | undefined;
   private readonly decoder: FrameDecoder;
   private readonly requestTimeoutMs: number;
   private readonly maxInFlight: number;
+  private keepAlive: NodeJS.Timeout | undefined;
+  private lastRequestAt = Date.now();
 
   private constructor(
     private readonly socket: net.Socket,
@@ -100,6 +120,14 @@ export class MemoryServerClient {
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 120_000;
     this.maxInFlight = opts.maxInFlight ?? 16;
     this.decoder = decoder;
+    const every = opts.keepAliveMs;
+    if (every !== undefined) {
+      this.keepAlive = setInterval(() => {
+        if (this.pending.size === 0 && Date.now() - this.lastRequestAt >= every)
+          void this.ping().catch(() => {});
+      }, every);
+      this.keepAlive.unref();
+    }
   }
 
   /** Connects and authenticates; rejects with E_MS_CONNECT, E_MS_AUTH (refused, with the server's reason) or E_MS_TIMEOUT. */
@@ -229,6 +257,10 @@ export class MemoryServerClient {
     return this.pending.size;
   }
 
+  async ping(): Promise<void> {
+    await this.request(FRAME.PING, [jsonPayload({})], 'ping');
+  }
+
   async begin(ckpt: string): Promise<void> {
     await this.request(FRAME.BEGIN, [jsonPayload({ ckpt })], `begin ${ckpt}`);
   }
@@ -246,6 +278,27 @@ export class MemoryServerClient {
     await this.request(FRAME.PUT_EXTENT, [head, e.data], `put ${e.block}[${e.index}] of ${e.ckpt}`);
   }
 
+  /**
+   * Sends new contents for parts of an extent sent before (pre-copy re-sends of dirty pages): the
+   * server patches its copy. `runs` offsets are within the extent.
+   */
+  async putPages(p: PagesPut): Promise<void> {
+    const hash = createHash('sha256');
+    for (const run of p.runs) hash.update(run.data);
+    const head = encodePagesHead({
+      ckpt: p.ckpt,
+      block: p.block,
+      index: p.index,
+      runs: p.runs,
+      sha256: hash.digest(),
+    });
+    await this.request(
+      FRAME.PUT_PAGES,
+      [head, ...p.runs.map((r) => r.data)],
+      `put ${p.runs.length} page run(s) of ${p.block}[${p.index}] of ${p.ckpt}`,
+    );
+  }
+
   async putBlob(ckpt: string, name: string, data: Buffer): Promise<void> {
     const head = encodeBlobHead({ ckpt, name, sha256: sha256(data) });
     await this.request(FRAME.PUT_BLOB, [head, data], `put blob ${name} of ${ckpt}`);
@@ -254,6 +307,11 @@ export class MemoryServerClient {
   /** Resolves when everything this server received for `ckpt` is fsynced. */
   async flush(ckpt: string): Promise<FlushResult> {
     return this.json(FRAME.FLUSH, { ckpt }, FlushResult, `flush ${ckpt}`);
+  }
+
+  /** Flushes `ckpt` and checks it holds everything in `expect`, without publishing it (refused: `incomplete`). */
+  async prepare(ckpt: string, expect?: CommitExpectation): Promise<FlushResult> {
+    return this.json(FRAME.PREPARE, expect ? { ckpt, expect } : { ckpt }, FlushResult, `prepare ${ckpt}`);
   }
 
   /** Atomically publishes `ckpt` on this server; refused (`incomplete`) if it lacks anything in `expect`. */
@@ -349,12 +407,14 @@ export class MemoryServerClient {
     while (this.pending.size >= this.maxInFlight && !this.closedError)
       await new Promise<void>((r) => this.slotWaiters.push(r));
     if (this.closedError) throw new MsError('E_MS_CLOSED', `${this.closedError.message} (${what} not sent)`);
+    this.lastRequestAt = Date.now();
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
     const frame = frameParts(type, id, parts);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
+        this.abandoned.add(id);
         this.releaseSlot();
         reject(
           new MsError(
@@ -406,10 +466,12 @@ export class MemoryServerClient {
         this.socket.destroy();
         return;
       }
+      if (this.abandoned.delete(id)) return;
       const p = this.take(id);
       p?.reject(new RemoteError(this.name, code, `memory server ${this.name} refused ${p.what}: ${reason}`));
       return;
     }
+    if (this.abandoned.delete(id)) return;
     const p = this.take(id);
     if (!p) {
       this.shutdown(
@@ -436,6 +498,7 @@ export class MemoryServerClient {
   private shutdown(err: MsError): void {
     if (this.closedError) return;
     this.closedError = err;
+    clearInterval(this.keepAlive);
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
       clearTimeout(p.timer);

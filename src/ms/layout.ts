@@ -26,7 +26,8 @@
  *
  * The server stores the client's checksum beside the data and hands both back unverified: the
  * restoring client checks them, so a byte flipped on this server's disk is caught by the client,
- * which then takes another replica.
+ * which then takes another replica. After pages of an extent were patched (PUT_PAGES), the server
+ * computes the new checksum itself (each patch's own checksum was verified on receipt).
  */
 import path from 'node:path';
 import { Refusal } from './errors.js';
@@ -39,6 +40,8 @@ const BLOCK_RE = /^[\x21-\x5b\x5d-\x7e]+$/;
 export const OBJECT_MAGIC = 0x544c4d58;
 export const OBJECT_VERSION = 1;
 export const OBJECT_HEAD_BYTES = 52;
+/** Field offsets of the stored-object header (table above). */
+export const OBJECT_FIELD = { magic: 0, version: 4, offset: 8, length: 16, sha256: 20 } as const;
 
 export function checkName(value: unknown, what: string): string {
   if (typeof value !== 'string' || !NAME_RE.test(value))
@@ -114,11 +117,11 @@ export const ckptFiles = {
 
 export function encodeObjectHead(offset: number, length: number, sha256: Buffer): Buffer {
   const b = Buffer.alloc(OBJECT_HEAD_BYTES);
-  b.writeUInt32BE(OBJECT_MAGIC, 0);
-  b.writeUInt16BE(OBJECT_VERSION, 4);
-  b.writeBigUInt64BE(BigInt(offset), 8);
-  b.writeUInt32BE(length, 16);
-  sha256.copy(b, 20, 0, SHA256_BYTES);
+  b.writeUInt32BE(OBJECT_MAGIC, OBJECT_FIELD.magic);
+  b.writeUInt16BE(OBJECT_VERSION, OBJECT_FIELD.version);
+  b.writeBigUInt64BE(BigInt(offset), OBJECT_FIELD.offset);
+  b.writeUInt32BE(length, OBJECT_FIELD.length);
+  sha256.copy(b, OBJECT_FIELD.sha256, 0, SHA256_BYTES);
   return b;
 }
 
@@ -130,23 +133,23 @@ export interface StoredObject {
 
 /** Splits a stored object file; the checksum is NOT verified here (the client does that). */
 export function decodeObject(file: Buffer, name: string): StoredObject {
-  if (file.length < OBJECT_HEAD_BYTES || file.readUInt32BE(0) !== OBJECT_MAGIC)
+  if (file.length < OBJECT_HEAD_BYTES || file.readUInt32BE(OBJECT_FIELD.magic) !== OBJECT_MAGIC)
     throw new Refusal('corrupt', `${name}: not a stored extent (bad magic or truncated)`);
-  const version = file.readUInt16BE(4);
+  const version = file.readUInt16BE(OBJECT_FIELD.version);
   if (version !== OBJECT_VERSION)
     throw new Refusal(
       'corrupt',
       `${name}: stored format version ${version}, this server reads ${OBJECT_VERSION}`,
     );
-  const length = file.readUInt32BE(16);
+  const length = file.readUInt32BE(OBJECT_FIELD.length);
   if (file.length !== OBJECT_HEAD_BYTES + length)
     throw new Refusal(
       'corrupt',
       `${name}: ${file.length - OBJECT_HEAD_BYTES} data bytes, header says ${length}`,
     );
   return {
-    offset: Number(file.readBigUInt64BE(8)),
-    sha256: file.subarray(20, 20 + SHA256_BYTES),
+    offset: Number(file.readBigUInt64BE(OBJECT_FIELD.offset)),
+    sha256: file.subarray(OBJECT_FIELD.sha256, OBJECT_FIELD.sha256 + SHA256_BYTES),
     data: file.subarray(OBJECT_HEAD_BYTES),
   };
 }

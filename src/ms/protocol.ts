@@ -12,8 +12,9 @@
  * | 8      | 4    | request id: a response carries its request's id; 0 = connection |
  * | 12     | 4    | payload length, checked against the type's limit before buffering |
  *
- * The first 8 bytes keep this layout in every future version, so a peer can always read the
- * version and an ERROR frame from a peer that speaks another version, and say so clearly.
+ * The first 8 bytes keep this layout in every future version, and HELLO (type 1, payload at most
+ * MAX_HELLO_BYTES) and ERROR (type 5, JSON) keep theirs, so a peer can always read the version and
+ * an ERROR frame from a peer that speaks another version, and say so clearly.
  *
  * Extent record (payload of PUT_EXTENT and EXTENT):
  *
@@ -27,6 +28,11 @@
  * | 8    | byte offset of the extent in the block   |
  * | 32   | SHA-256 of the data                      |
  * | rest | data (at most MAX_EXTENT_BYTES)          |
+ *
+ * Pages record (PUT_PAGES: pre-copy re-sends of the pages of an extent the server already has):
+ * id length (1), id, block name length (2), block name, extent index (4), run count r (2), r runs
+ * of (offset within the extent (4), length (4)), SHA-256 of the runs' data concatenated (32), the
+ * runs' data concatenated. The server patches its copy and recomputes the stored checksum.
  *
  * Blob record (PUT_BLOB and BLOB): id length (1), id, name length (1), name, SHA-256 (32), data.
  * Control frames (requests other than puts, OK and ERROR answers) carry JSON: they are rare and
@@ -67,21 +73,37 @@ export const FRAME = {
   EXTENT: 20,
   /** server → client: blob record answering GET_BLOB. */
   BLOB: 21,
+  /** Flush and check a checkpoint against the expected extents, without committing it. */
+  PREPARE: 22,
+  /** Pages record: patch parts of an extent already sent (pre-copy re-sends of dirty pages). */
+  PUT_PAGES: 23,
+  /** Keeps an idle connection from timing out; answered with OK. */
+  PING: 24,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 
 export const MAX_EXTENT_BYTES = 4 * 1024 * 1024;
-export const MAX_BLOB_BYTES = 4 * 1024 * 1024;
+/**
+ * Device state is the largest blob: the stream reader accepts up to 64 MiB of it
+ * (DEFAULT_MAX_DEVICE_STATE_BYTES), so a blob may be as large. Only authenticated peers get past
+ * the 1 KiB pre-auth cap, and a blob counts against the connection's budget like extents do.
+ */
+export const MAX_BLOB_BYTES = 64 * 1024 * 1024;
 export const MAX_CONTROL_BYTES = 1024 * 1024;
 export const SHA256_BYTES = 32;
+/** Room for later versions' HELLO (version 1 sends a 32-byte nonce); also the pre-auth frame cap. */
+export const MAX_HELLO_BYTES = 1024;
 /** Largest record head: id (1+255), name (2+65535 is allowed by the field, 1 KiB by policy), index, offset, sum. */
 export const MAX_NAME_BYTES = 1024;
 const MAX_RECORD_HEAD = 1 + 255 + 2 + MAX_NAME_BYTES + 4 + 8 + SHA256_BYTES;
+/** Runs in one pages record: one per 4 KiB page of the largest extent. */
+export const MAX_RUNS = MAX_EXTENT_BYTES / 4096;
 
 /** Largest payload a frame of `type` may carry, or -1 for a type this version does not know. */
 export function maxPayload(type: number): number {
   switch (type) {
     case FRAME.HELLO:
+      return MAX_HELLO_BYTES;
     case FRAME.CHALLENGE:
     case FRAME.AUTH:
     case FRAME.WELCOME:
@@ -89,6 +111,8 @@ export function maxPayload(type: number): number {
     case FRAME.PUT_EXTENT:
     case FRAME.EXTENT:
       return MAX_RECORD_HEAD + MAX_EXTENT_BYTES;
+    case FRAME.PUT_PAGES:
+      return MAX_RECORD_HEAD + 2 + MAX_RUNS * 8 + MAX_EXTENT_BYTES;
     case FRAME.PUT_BLOB:
     case FRAME.BLOB:
       return MAX_RECORD_HEAD + MAX_BLOB_BYTES;
@@ -97,6 +121,8 @@ export function maxPayload(type: number): number {
     case FRAME.BEGIN:
     case FRAME.FLUSH:
     case FRAME.COMMIT:
+    case FRAME.PREPARE:
+    case FRAME.PING:
     case FRAME.LIST:
     case FRAME.INDEX:
     case FRAME.GET_EXTENT:
@@ -183,8 +209,8 @@ export class FrameDecoder {
   private offset = 0;
   private failed: ProtocolError | undefined;
   /**
-   * Extra cap on every payload, below the per-type limits: a server keeps it tiny until the peer
-   * has authenticated, so a stranger cannot make it buffer megabytes.
+   * Extra cap on every payload, below the per-type limits: a server keeps it at MAX_HELLO_BYTES
+   * until the peer has authenticated, so a stranger cannot make it buffer megabytes.
    */
   payloadCap = Number.POSITIVE_INFINITY;
 
@@ -372,6 +398,74 @@ export function decodeExtent(payload: Buffer): ExtentRecord {
   if (data.length > MAX_EXTENT_BYTES)
     throw new ProtocolError(`extent of ${data.length} bytes exceeds ${MAX_EXTENT_BYTES}`, r.pos);
   return { ckpt, block, index, offset, sha256, data };
+}
+
+export interface PageRun {
+  /** Byte offset within the extent. */
+  at: number;
+  data: Buffer;
+}
+
+export interface PagesRecord {
+  ckpt: string;
+  block: string;
+  index: number;
+  runs: PageRun[];
+  /** SHA-256 of the runs' data, concatenated in order. */
+  sha256: Buffer;
+}
+
+/** Head, run table and checksum of a pages record; the runs' data follow as their own buffers. */
+export function encodePagesHead(r: PagesRecord): Buffer {
+  const id = checkedText(r.ckpt, 255, 'checkpoint id');
+  const name = checkedText(r.block, MAX_NAME_BYTES, 'block name');
+  if (r.runs.length === 0 || r.runs.length > MAX_RUNS)
+    throw new RangeError(`a pages record holds 1..${MAX_RUNS} runs`);
+  if (r.sha256.length !== SHA256_BYTES) throw new RangeError('sha256 must be 32 bytes');
+  const b = Buffer.allocUnsafe(1 + id.length + 2 + name.length + 4 + 2 + r.runs.length * 8 + SHA256_BYTES);
+  let p = b.writeUInt8(id.length, 0);
+  p += id.copy(b, p);
+  p = b.writeUInt16BE(name.length, p);
+  p += name.copy(b, p);
+  p = b.writeUInt32BE(r.index, p);
+  p = b.writeUInt16BE(r.runs.length, p);
+  for (const run of r.runs) {
+    p = b.writeUInt32BE(run.at, p);
+    p = b.writeUInt32BE(run.data.length, p);
+  }
+  r.sha256.copy(b, p);
+  return b;
+}
+
+export function decodePages(payload: Buffer): PagesRecord {
+  const r = new RecordReader(payload);
+  const ckpt = r.text(r.u8('checkpoint id length'), 'checkpoint id');
+  const block = r.text(r.u16('block name length'), 'block name');
+  const index = r.u32('extent index');
+  const count = r.u16('run count');
+  if (count === 0 || count > MAX_RUNS)
+    throw new ProtocolError(`${count} runs in a pages record (1..${MAX_RUNS})`, r.pos - 2);
+  const table: Array<{ at: number; length: number }> = [];
+  let total = 0;
+  for (let i = 0; i < count; i++) {
+    const at = r.u32('run offset');
+    const length = r.u32('run length');
+    if (length === 0 || at + length > MAX_EXTENT_BYTES)
+      throw new ProtocolError(
+        `run ${at}+${length} outside an extent of at most ${MAX_EXTENT_BYTES} bytes`,
+        r.pos - 8,
+      );
+    table.push({ at, length });
+    total += length;
+  }
+  const sha256 = r.bytes(SHA256_BYTES, 'pages checksum');
+  if (payload.length - r.pos !== total)
+    throw new ProtocolError(
+      `pages record carries ${payload.length - r.pos} data bytes, its runs say ${total}`,
+      r.pos,
+    );
+  const runs = table.map((t) => ({ at: t.at, data: r.bytes(t.length, 'run data') }));
+  return { ckpt, block, index, runs, sha256 };
 }
 
 export function encodeBlobHead(r: Omit<BlobRecord, 'data'>): Buffer {

@@ -26,10 +26,12 @@ import {
 import {
   FRAME,
   FrameDecoder,
+  MAX_HELLO_BYTES,
   PROTOCOL_VERSION,
   type FrameType,
   decodeBlob,
   decodeExtent,
+  decodePages,
   encodeBlobHead,
   encodeExtentHead,
   frameName,
@@ -53,6 +55,7 @@ export interface MemoryServerOptions {
 }
 
 const MAX_REQUESTS_IN_PROGRESS = 64;
+const MAX_CONNECTIONS = 1024;
 /** How long a refused peer gets to read our ERROR frame before the socket is destroyed. */
 const REFUSAL_GRACE_MS = 1000;
 
@@ -62,6 +65,8 @@ const ok = (value: unknown = {}): Reply => ({ type: FRAME.OK, parts: [jsonPayloa
 export class MemoryServer {
   private readonly connections = new Set<Connection>();
   private closing = false;
+  /** Times a connection stopped reading because it was over budget (for tests and stats). */
+  pauses = 0;
 
   private constructor(
     private readonly server: net.Server,
@@ -78,16 +83,24 @@ export class MemoryServer {
       log,
     });
     const server = net.createServer({ noDelay: true });
+    // Each connection costs a socket and little else before it authenticates (frames are capped
+    // at 1 KiB, the idle timeout drops it); this bounds how many a stranger can hold open.
+    server.maxConnections = MAX_CONNECTIONS;
     if (opts.listen.kind === 'unix') removeStaleSocket(opts.listen.path);
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      const done = (): void => {
-        server.off('error', reject);
-        resolve();
-      };
-      if (opts.listen.kind === 'unix') server.listen(opts.listen.path, done);
-      else server.listen(opts.listen.port, opts.listen.host, done);
-    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        const done = (): void => {
+          server.off('error', reject);
+          resolve();
+        };
+        if (opts.listen.kind === 'unix') server.listen(opts.listen.path, done);
+        else server.listen(opts.listen.port, opts.listen.host, done);
+      });
+    } catch (err) {
+      await store.close(); // releases the data directory
+      throw err;
+    }
     const bound = server.address();
     const address: Address =
       opts.listen.kind === 'tcp' && bound && typeof bound === 'object'
@@ -118,7 +131,7 @@ export class MemoryServer {
     for (const c of this.connections) c.quiesce();
     await Promise.all([...this.connections].map((c) => c.settled()));
     await this.store.close();
-    for (const c of this.connections) c.destroy();
+    for (const c of this.connections) c.stop();
     await stopped;
     if (this.options.listen.kind === 'unix') fs.rmSync(this.options.listen.path, { force: true });
   }
@@ -145,6 +158,7 @@ class Connection {
   private readonly inProgress = new Set<Promise<void>>();
   private paused = false;
   private quiescing = false;
+  private requests = 0;
 
   constructor(
     private readonly server: MemoryServer,
@@ -155,8 +169,8 @@ class Connection {
     this.log = (line) => server.options.log(`${this.peer}: ${line}`);
     this.budget = new Budget(server.options.connectionBudget, () => this.flow());
     this.decoder = new FrameDecoder((type, id, payload, version) => this.onFrame(type, id, payload, version));
-    // Until the peer has proven the secret it may only send handshake frames (64 bytes at most).
-    this.decoder.payloadCap = 64;
+    // Until the peer has proven the secret it may only send handshake frames (1 KiB at most).
+    this.decoder.payloadCap = MAX_HELLO_BYTES;
     this.log('connected');
     socket.setTimeout(server.options.idleTimeoutMs);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -164,7 +178,9 @@ class Connection {
     socket.on('drain', () => this.flow());
     socket.on('error', (err) => this.log(`socket error: ${errorText(err)}`));
     socket.on('close', () => {
-      if (this.state !== 'closing') this.log('disconnected');
+      const mib = (this.decoder.bytesRead / (1024 * 1024)).toFixed(1);
+      if (this.state !== 'closing')
+        this.log(`disconnected after ${this.requests} requests, ${mib} MiB received`);
     });
   }
 
@@ -178,9 +194,9 @@ class Connection {
     while (this.inProgress.size > 0) await Promise.allSettled([...this.inProgress]);
   }
 
-  destroy(): void {
-    this.state = 'closing';
-    this.socket.destroy();
+  /** Shutdown, once nothing is in progress: tells the peer why, then closes. */
+  stop(): void {
+    this.refuse('shutting-down', 'the memory server is stopping', 'closing: the server is stopping');
   }
 
   private onData(chunk: Buffer): void {
@@ -196,8 +212,13 @@ class Connection {
   }
 
   private onIdle(): void {
-    // Silence is the peer's fault only when we are waiting for it.
-    if (this.paused || this.inProgress.size > 0 || this.state === 'closing') return;
+    if (this.state === 'closing') return;
+    // Silence is the peer's fault only when we are waiting for it. The timer does not re-arm by
+    // itself without traffic, so arm it again for when we are.
+    if (this.paused || this.inProgress.size > 0) {
+      this.socket.setTimeout(this.server.options.idleTimeoutMs);
+      return;
+    }
     const what = this.state === 'ready' ? 'idle' : 'stalled in the handshake';
     this.refuse('timeout', `${what} for ${this.server.options.idleTimeoutMs} ms: disconnecting`);
   }
@@ -244,6 +265,7 @@ class Connection {
   }
 
   private dispatch(type: number, id: number, payload: Buffer): void {
+    this.requests++;
     let result: Reply | Promise<Reply>;
     try {
       result = this.handle(type, payload);
@@ -282,6 +304,9 @@ class Connection {
       case FRAME.PUT_BLOB:
         store.putBlob(decodeBlob(payload), this.budget);
         return ok();
+      case FRAME.PUT_PAGES:
+        store.putPages(decodePages(payload), this.budget);
+        return ok();
       case FRAME.FLUSH:
         return (async () => {
           const { ckpt } = parse(CkptRequest, payload);
@@ -300,6 +325,13 @@ class Connection {
           this.log(`commit ${ckpt}: ${extents} extents, ${info.blobs.length} blobs`);
           return ok(info);
         })();
+      case FRAME.PREPARE:
+        return (async () => {
+          const { ckpt, expect } = parse(CommitRequest, payload);
+          return ok(await store.prepare(ckpt, expect));
+        })();
+      case FRAME.PING:
+        return ok();
       case FRAME.LIST:
         return store.list().then((checkpoints) => ok({ checkpoints }));
       case FRAME.INDEX:
@@ -346,9 +378,9 @@ class Connection {
   }
 
   /** Tells the peer why in an ERROR frame, logs it, and closes the connection. */
-  private refuse(code: RemoteCode, message: string): void {
+  private refuse(code: RemoteCode, message: string, logLine = `refused: ${message}`): void {
     if (this.state === 'closing') return;
-    this.log(`refused: ${message}`);
+    this.log(logLine);
     this.send(FRAME.ERROR, 0, [jsonPayload({ code, message })]);
     this.state = 'closing';
     this.socket.end();
@@ -373,6 +405,7 @@ class Connection {
       this.socket.writableLength > limit;
     if (stop && !this.paused) {
       this.paused = true;
+      this.server.pauses++;
       this.socket.pause();
     } else if (
       !stop &&

@@ -10,7 +10,14 @@
  * (`commit(..., { minReplicas })`), never decided silently here.
  */
 import { TlcError, errorText } from '../core/errors.js';
-import { type ClientOptions, type Extent, type ExtentPut, MemoryServerClient, sha256 } from './client.js';
+import {
+  type ClientOptions,
+  type Extent,
+  type ExtentPut,
+  MemoryServerClient,
+  type PagesPut,
+  sha256,
+} from './client.js';
 import { MsError, RemoteError } from './errors.js';
 import type { CheckpointInfo, CommitExpectation } from './messages.js';
 import { placeExtent } from './placement.js';
@@ -18,6 +25,8 @@ import { placeExtent } from './placement.js';
 export interface ServerSetOptions extends ClientOptions {
   /** Distinct servers holding each extent. Default 1. */
   replicas?: number;
+  /** getExtent(): also ask the next replica when one has not answered within this time. Default: never. */
+  hedgeAfterMs?: number;
 }
 
 interface Member {
@@ -39,18 +48,21 @@ export interface FetchedExtent extends Extent {
   from: string;
 }
 
+/** A checkpoint as the set sees it; `blocks` and `bytes` are the share of the first server that answered. */
 export interface ListedCheckpoint extends CheckpointInfo {
-  /** URLs of the servers that list it (committed there). */
+  /** URLs of the servers that list it (committed there), in set order. */
   servers: string[];
 }
 
 export class ServerSet {
   readonly replicas: number;
   private readonly members: Member[];
+  private readonly hedgeAfterMs: number | undefined;
 
-  private constructor(members: Member[], replicas: number) {
+  private constructor(members: Member[], replicas: number, hedgeAfterMs: number | undefined) {
     this.members = members;
     this.replicas = replicas;
+    this.hedgeAfterMs = hedgeAfterMs;
   }
 
   /**
@@ -79,7 +91,7 @@ export class ServerSet {
         `no memory server reachable: ${members.map((m) => m.down).join('; ')}`,
       );
     }
-    return new ServerSet(members, replicas);
+    return new ServerSet(members, replicas, opts.hedgeAfterMs);
   }
 
   get urls(): string[] {
@@ -130,6 +142,30 @@ export class ServerSet {
     return result;
   }
 
+  /** Sends page runs of an extent already sent to its replicas (pre-copy re-sends); resolves with who took them. */
+  async putPages(p: PagesPut): Promise<PutResult> {
+    const placed = placeExtent(p.index, this.members.length, this.replicas).map(
+      (i) => this.members[i] as Member,
+    );
+    const result: PutResult = { holders: [], failed: [] };
+    await Promise.all(
+      placed.map(async (m) => {
+        try {
+          await this.call(m, (c) => c.putPages(p));
+          result.holders.push(m.url);
+        } catch (err) {
+          result.failed.push({ url: m.url, error: errorText(err) });
+        }
+      }),
+    );
+    if (result.holders.length === 0)
+      throw new MsError(
+        'E_MS_CONNECT',
+        `no replica took pages of extent ${p.block}[${p.index}]: ${result.failed.map((f) => f.error).join('; ')}`,
+      );
+    return result;
+  }
+
   /** Sends a blob (manifest, device state, config) to every server that is up; resolves with who holds it. */
   async putBlob(ckpt: string, name: string, data: Buffer): Promise<string[]> {
     const r = await this.everywhere((c) => c.putBlob(ckpt, name, data));
@@ -138,80 +174,114 @@ export class ServerSet {
   }
 
   /**
-   * Commits `ckpt` on every server that is up, each told the extents placement put on it
-   * (`extents`: number of extents per block, indices 0..n-1) and the blobs. Rejects if afterwards
-   * some extent is committed on fewer than `minReplicas` servers (default: all `replicas`), or a
-   * blob on none; servers that did commit keep their share (remove() cleans up).
+   * Commits `ckpt` in two phases, so that a checkpoint is listed only if it is complete:
+   * 1. every server that is up flushes and checks it holds the extents placement put on it
+   *    (`extents` per block: a count n for indices 0..n-1, or the list of indices sent, as
+   *    ExtentFanout.finish() returns it) and every blob (PREPARE);
+   * 2. if every extent is then durable on at least `minReplicas` servers (default: all `replicas`),
+   *    the prepared servers publish it (COMMIT). Should a server fail between the phases and the
+   *    coverage drop below `minReplicas`, the checkpoint is removed again from the others.
+   * Rejects with the reason per server; the pending uploads stay until abort()/remove().
    */
   async commit(
     ckpt: string,
-    extents: Record<string, number>,
+    extents: Record<string, number | number[]>,
     blobs: string[],
     opts: { minReplicas?: number } = {},
   ): Promise<{ committed: string[]; failed: Array<{ url: string; error: string }> }> {
     const minReplicas = opts.minReplicas ?? this.replicas;
     const expectations = this.members.map((): CommitExpectation => ({ extents: {}, blobs }));
-    for (const [block, count] of Object.entries(extents))
-      for (let k = 0; k < count; k++)
+    for (const [block, indices] of Object.entries(extentLists(extents)))
+      for (const k of indices)
         for (const i of placeExtent(k, this.members.length, this.replicas)) {
           const exp = (expectations[i] as CommitExpectation).extents as Record<string, number[]>;
           (exp[block] ??= []).push(k);
         }
-    const committed = new Set<number>();
     const failed: Array<{ url: string; error: string }> = [];
-    await Promise.all(
-      this.members.map(async (m, i) => {
-        if (!m.client || m.down) {
-          failed.push({ url: m.url, error: m.down ?? 'not connected' });
-          return;
-        }
-        try {
-          await this.call(m, (c) => c.commit(ckpt, expectations[i]));
-          committed.add(i);
-        } catch (err) {
-          failed.push({ url: m.url, error: errorText(err) });
-        }
-      }),
-    );
-    for (const [block, count] of Object.entries(extents))
-      for (let k = 0; k < count; k++) {
-        const n = placeExtent(k, this.members.length, this.replicas).filter((i) => committed.has(i)).length;
-        if (n < minReplicas)
-          throw new MsError(
-            'E_MS_REMOTE',
-            `checkpoint ${ckpt}: extent ${block}[${k}] committed on ${n} of ${this.replicas} servers (need ${minReplicas}): ${failed.map((f) => `${f.url}: ${f.error}`).join('; ')}`,
-          );
-      }
-    if (blobs.length > 0 && committed.size === 0) throw this.noneError(`commit ${ckpt}`, failed);
+    const prepared = await this.phase(failed, (c, i) => c.prepare(ckpt, expectations[i]));
+    this.checkCoverage(ckpt, extents, prepared, minReplicas, failed, 'durable');
+    const committed = await this.phase(failed, (c, i) => c.commit(ckpt, expectations[i]), prepared);
+    try {
+      this.checkCoverage(ckpt, extents, committed, minReplicas, failed, 'committed');
+    } catch (err) {
+      await this.phase([], (c) => c.remove(ckpt), committed);
+      throw err;
+    }
     return { committed: [...committed].map((i) => this.urls[i] as string), failed };
   }
 
+  /** Drops an unfinished (or unwanted) checkpoint from every server that is up. */
+  async abort(ckpt: string): Promise<void> {
+    await this.remove(ckpt);
+  }
+
   /**
-   * Fetches extent `index`: from its replicas in placement order, then from the other servers;
-   * a copy that is missing, corrupt (checksum) or on a server that fails is skipped. The first
-   * replica differs between neighbouring extents, so a restore reads from all servers at once.
+   * Fetches extent `index`: from its replicas in placement order, then from the other servers; a
+   * copy that is missing, corrupt (checksum) or on a server that fails is skipped. The first
+   * replica differs between neighbouring extents, so a restore reads from all servers at once and
+   * each extent crosses the network once. With `hedgeAfterMs`, a replica that has not answered by
+   * then gets company: the next one is asked too and whichever valid copy arrives first wins (a
+   * stalled server then costs that delay instead of the request timeout).
    */
-  async getExtent(ckpt: string, block: string, index: number): Promise<FetchedExtent> {
+  getExtent(ckpt: string, block: string, index: number): Promise<FetchedExtent> {
     const placed = placeExtent(index, this.members.length, this.replicas);
     const order = [...placed, ...this.members.map((_, i) => i).filter((i) => !placed.includes(i))];
     const errors: string[] = [];
-    for (const i of order) {
-      const m = this.members[i] as Member;
-      if (!m.client || m.down) {
-        if (placed.includes(i)) errors.push(`${m.url}: down (${m.down ?? 'not connected'})`);
-        continue;
-      }
-      try {
-        return { ...(await this.call(m, (c) => c.getExtent(ckpt, block, index))), from: m.url };
-      } catch (err) {
-        if (!(err instanceof RemoteError && err.remote === 'not-found') || placed.includes(i))
-          errors.push(errorText(err));
-      }
-    }
-    throw new TlcError(
-      'E_NOT_FOUND',
-      `no valid copy of extent ${block}[${index}] of ${ckpt}: ${errors.join('; ')}`,
-    );
+    return new Promise((resolve, reject) => {
+      let next = 0;
+      let running = 0;
+      let settled = false;
+      let timer: NodeJS.Timeout | undefined;
+      const launch = (): void => {
+        clearTimeout(timer);
+        if (settled) return;
+        let m: Member | undefined;
+        let i = -1;
+        while (next < order.length) {
+          i = order[next++] as number;
+          const candidate = this.members[i] as Member;
+          if (candidate.client && !candidate.down) {
+            m = candidate;
+            break;
+          }
+          if (placed.includes(i))
+            errors.push(`${candidate.url}: down (${candidate.down ?? 'not connected'})`);
+        }
+        if (!m) {
+          if (running === 0) {
+            settled = true;
+            reject(
+              new TlcError(
+                'E_NOT_FOUND',
+                `no valid copy of extent ${block}[${index}] of ${ckpt}: ${errors.join('; ')}`,
+              ),
+            );
+          }
+          return;
+        }
+        const member = m;
+        const wasPlaced = placed.includes(i);
+        running++;
+        this.call(member, (c) => c.getExtent(ckpt, block, index)).then(
+          (extent) => {
+            running--;
+            if (settled) return;
+            settled = true;
+            clearTimeout(timer);
+            resolve({ ...extent, from: member.url });
+          },
+          (err: unknown) => {
+            running--;
+            if (wasPlaced || !(err instanceof RemoteError && err.remote === 'not-found'))
+              errors.push(errorText(err));
+            launch();
+          },
+        );
+        if (this.hedgeAfterMs !== undefined && next < order.length)
+          timer = setTimeout(launch, this.hedgeAfterMs);
+      };
+      launch();
+    });
   }
 
   /** Fetches a blob from the first server whose copy checks out. */
@@ -234,13 +304,14 @@ export class ServerSet {
   /** Checkpoints committed on any reachable server, each with the servers that list it. */
   async list(): Promise<ListedCheckpoint[]> {
     const byId = new Map<string, ListedCheckpoint>();
-    await this.everywhere(async (c) => {
+    await this.everywhere(async (c, m) => {
       for (const info of await c.list()) {
         const seen = byId.get(info.id);
-        if (seen) seen.servers.push(c.name);
-        else byId.set(info.id, { ...info, servers: [c.name] });
+        if (seen) seen.servers.push(m.url);
+        else byId.set(info.id, { ...info, servers: [m.url] });
       }
     });
+    for (const l of byId.values()) l.servers.sort((a, b) => this.urls.indexOf(a) - this.urls.indexOf(b));
     return [...byId.values()].sort((a, b) => a.committedAt.localeCompare(b.committedAt));
   }
 
@@ -287,10 +358,64 @@ export class ServerSet {
     return { ok, failed };
   }
 
+  /** Runs `fn` on the members in `only` (default: all), returning the indices where it succeeded. */
+  private async phase(
+    failed: Array<{ url: string; error: string }>,
+    fn: (c: MemoryServerClient, i: number) => Promise<unknown>,
+    only?: Set<number>,
+  ): Promise<Set<number>> {
+    const ok = new Set<number>();
+    await Promise.all(
+      this.members.map(async (m, i) => {
+        if (only && !only.has(i)) return;
+        try {
+          await this.call(m, (c) => fn(c, i));
+          ok.add(i);
+        } catch (err) {
+          failed.push({ url: m.url, error: errorText(err) });
+        }
+      }),
+    );
+    return ok;
+  }
+
+  /** Throws unless every extent is on `minReplicas` servers of `holders`, and the blobs on as many. */
+  private checkCoverage(
+    ckpt: string,
+    extents: Record<string, number | number[]>,
+    holders: Set<number>,
+    minReplicas: number,
+    failed: Array<{ url: string; error: string }>,
+    what: string,
+  ): void {
+    const why = (): string => failed.map((f) => f.error).join('; ') || 'no error reported';
+    if (holders.size < minReplicas)
+      throw new MsError(
+        'E_MS_REMOTE',
+        `checkpoint ${ckpt} is ${what} on ${holders.size} server(s), need ${minReplicas}: ${why()}`,
+      );
+    for (const [block, indices] of Object.entries(extentLists(extents)))
+      for (const k of indices) {
+        const n = placeExtent(k, this.members.length, this.replicas).filter((i) => holders.has(i)).length;
+        if (n < minReplicas)
+          throw new MsError(
+            'E_MS_REMOTE',
+            `checkpoint ${ckpt}: extent ${block}[${k}] is ${what} on ${n} of ${this.replicas} servers, need ${minReplicas}: ${why()}`,
+          );
+      }
+  }
+
   private noneError(what: string, failed: Array<{ url: string; error: string }>): MsError {
     return new MsError(
       'E_MS_CONNECT',
       `${what}: no memory server accepted it: ${failed.map((f) => f.error).join('; ')}`,
     );
   }
+}
+
+function extentLists(extents: Record<string, number | number[]>): Record<string, number[]> {
+  const out: Record<string, number[]> = {};
+  for (const [block, v] of Object.entries(extents))
+    out[block] = typeof v === 'number' ? Array.from({ length: v }, (_, k) => k) : v;
+  return out;
 }

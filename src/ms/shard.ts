@@ -9,6 +9,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { errorText, isErrnoCode } from '../core/errors.js';
+import { type ProcessIdentity, identify, isAlive } from '../vm/process.js';
 import { Refusal } from './errors.js';
 import {
   Layout,
@@ -18,11 +19,10 @@ import {
   ckptFiles,
   blockFromDir,
   decodeObject,
-  encodeObjectHead,
   type StoredObject,
 } from './layout.js';
 import type { CheckpointIndex, CheckpointInfo, CommitExpectation, FlushResult } from './messages.js';
-import type { BlobRecord, ExtentRecord } from './protocol.js';
+import type { BlobRecord, ExtentRecord, PagesRecord } from './protocol.js';
 import { Budget, DiskWriter } from './writer.js';
 
 export interface ShardStoreOptions {
@@ -69,6 +69,9 @@ export class ShardStore {
     const layout = new Layout(opts.dataDir);
     fs.mkdirSync(layout.pending, { recursive: true, mode: 0o700 });
     fs.mkdirSync(layout.committed, { recursive: true, mode: 0o700 });
+    // Before anything is discarded: a second server on the same directory would throw away the
+    // first one's uploads in progress.
+    lockDataDir(layout.root);
     const idFile = path.join(layout.root, 'server-id');
     let id: string;
     try {
@@ -113,14 +116,29 @@ export class ShardStore {
       made.add(block);
     }
     const file = this.layout.inside(ckptFiles.extent(dir, block, r.index));
-    this.writer.write(file, encodeObjectHead(r.offset, r.data.length, r.sha256), r.data, budget);
+    this.writer.write(file, r.offset, r.data, r.sha256, budget, dir);
+  }
+
+  /** Patches pages of an extent sent before (pre-copy re-sends); the runs' checksum is verified first. */
+  putPages(r: PagesRecord, budget: Budget): void {
+    const dir = this.begun(r.ckpt);
+    const block = checkBlock(r.block);
+    checkIndex(r.index);
+    const hash = createHash('sha256');
+    for (const run of r.runs) hash.update(run.data);
+    if (!hash.digest().equals(r.sha256))
+      throw new Refusal('corrupt', `pages of extent ${r.block}[${r.index}] arrived with a wrong checksum`);
+    if (!this.made.get(r.ckpt)?.has(block))
+      throw new Refusal('not-found', `pages for block ${r.block}, of which no extent was sent`);
+    const file = this.layout.inside(ckptFiles.extent(dir, block, r.index));
+    this.writer.patch(file, r.runs, budget, dir);
   }
 
   putBlob(r: BlobRecord, budget: Budget): void {
     const dir = this.begun(r.ckpt);
     const file = this.layout.inside(ckptFiles.blob(dir, checkName(r.name, 'blob name')));
     verifySum(r.data, r.sha256, `blob ${r.name}`);
-    this.writer.write(file, encodeObjectHead(0, r.data.length, r.sha256), r.data, budget);
+    this.writer.write(file, 0, r.data, r.sha256, budget, dir);
   }
 
   /** Resolves once everything received for `ckpt` is on disk and fsynced, directories included. */
@@ -142,6 +160,18 @@ export class ShardStore {
     await fsyncDir(dir);
     const extents = Object.values(index.blocks).reduce((n, l) => n + l.length, 0);
     return { extents, blobs: index.blobs.length, bytes };
+  }
+
+  /**
+   * The first phase of a commit across servers: flush, then check the client's expectation. Nothing
+   * becomes visible; a ServerSet commits only once every server has prepared, so a checkpoint
+   * some server cannot complete is listed nowhere.
+   */
+  async prepare(ckpt: string, expect: CommitExpectation | undefined): Promise<FlushResult> {
+    const flushed = await this.flush(ckpt);
+    const missing = missingFrom(await readIndex(this.layout.pendingDir(ckpt)), expect);
+    if (missing) throw new Refusal('incomplete', `checkpoint ${ckpt} is incomplete here: ${missing}`);
+    return flushed;
   }
 
   /**
@@ -170,6 +200,7 @@ export class ShardStore {
         bytes: flushed.bytes,
       };
       await writeDurable(ckptFiles.commit(dir), JSON.stringify(record, null, 2) + '\n');
+      await fsyncDir(dir);
       await fs.promises.rename(dir, target);
       await fsyncDir(this.layout.committed);
       await fsyncDir(this.layout.pending);
@@ -249,12 +280,16 @@ export class ShardStore {
   async close(): Promise<void> {
     await this.writer.idle();
     await this.flushChain;
+    unlockDataDir(this.layout.root);
   }
 
   private begun(ckpt: string): string {
     const dir = this.layout.pendingDir(ckpt);
     if (!this.made.has(ckpt))
       throw new Refusal('not-found', `checkpoint ${ckpt} was not begun on this server`);
+    // A put racing the commit could miss the rename and be lost without anyone noticing.
+    if (this.committing.has(ckpt))
+      throw new Refusal('exists', `checkpoint ${ckpt} is being committed: no more puts`);
     return dir;
   }
 
@@ -286,6 +321,42 @@ export class ShardStore {
     void job.then(() => {
       if (this.flushing.get(ckpt) === job) this.flushing.delete(ckpt);
     });
+  }
+}
+
+const LOCK_FILE = 'server.lock';
+
+/** Claims the data directory for this process (pid and start time, so a reused pid is no owner). */
+function lockDataDir(root: string): void {
+  const file = path.join(root, LOCK_FILE);
+  const me = identify(process.pid);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      fs.writeFileSync(file, JSON.stringify(me) + '\n', { flag: 'wx', mode: 0o600 });
+      return;
+    } catch (err) {
+      if (!isErrnoCode(err, 'EEXIST')) throw err;
+    }
+    let owner: ProcessIdentity | undefined;
+    try {
+      owner = JSON.parse(fs.readFileSync(file, 'utf8')) as ProcessIdentity;
+    } catch {
+      owner = undefined;
+    }
+    if (owner && typeof owner.pid === 'number' && isAlive(owner))
+      throw new Error(`data directory ${root} is in use by another memory server (pid ${owner.pid})`);
+    fs.rmSync(file, { force: true }); // left by a server that died
+  }
+  throw new Error(`cannot lock data directory ${root}`);
+}
+
+function unlockDataDir(root: string): void {
+  const file = path.join(root, LOCK_FILE);
+  try {
+    const owner = JSON.parse(fs.readFileSync(file, 'utf8')) as ProcessIdentity;
+    if (owner.pid === process.pid) fs.rmSync(file, { force: true });
+  } catch {
+    // already gone
   }
 }
 

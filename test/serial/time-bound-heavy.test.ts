@@ -9,7 +9,7 @@ import { restoreCheckpoint } from '../../src/restore/restore.js';
 import type { Manifest } from '../../src/store/manifest.js';
 import { CheckpointStore } from '../../src/store/store.js';
 import { connectVm, killVm, startVm, stopVm } from '../../src/vm/manager.js';
-import { isolatedTlc, readConsole, waitConsole } from './harness.js';
+import { isolatedTlc, readConsole, waitConsole } from '../integration/harness.js';
 
 const { home } = isolatedTlc();
 const store = new CheckpointStore();

@@ -6,7 +6,7 @@ import { continuationProblems, observeGuest } from '../../src/guest/observe.js';
 import { restoreCheckpoint } from '../../src/restore/restore.js';
 import { CheckpointStore } from '../../src/store/store.js';
 import { connectVm, killVm, startVm, stopVm } from '../../src/vm/manager.js';
-import { isolatedTlc } from './harness.js';
+import { isolatedTlc } from '../integration/harness.js';
 
 isolatedTlc();
 const store = new CheckpointStore();

@@ -186,6 +186,14 @@ if (mode === 'sink' || mode === 'source') {
 }
 `;
 
+/** SIGKILL by pid, and wait until it is gone (its listening port free again). */
+async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  child.kill('SIGKILL');
+  await gone;
+}
+
 interface TlcRun {
   code: number | null;
   out: Record<string, unknown>;
@@ -351,17 +359,20 @@ async function main(): Promise<void> {
 
   // Baseline: QEMU stop-and-save streamed to server 1 through its shaped link.
   const streamFile = path.join(base, 'ms1-stream.qevm');
+  // One sink for every rep: it writes each connection to the file and prints its byte count.
+  const sink = await spawnInNs(
+    1,
+    [process.execPath, pipeScript, 'sink', String(SINK_PORT), streamFile],
+    path.join(logs, 'sink.log'),
+  );
   for (let rep = 1; rep <= REPS; rep++) {
-    const sink = await spawnInNs(
-      1,
-      [process.execPath, pipeScript, 'sink', String(SINK_PORT), streamFile],
-      path.join(logs, 'sink.log'),
-    );
+    let onData: ((c: Buffer) => void) | undefined;
     const counted = new Promise<number>((resolve) => {
-      sink.child.stdout?.on('data', (c: Buffer) => {
+      onData = (c: Buffer): void => {
         const m = /"bytes":(\d+)/.exec(c.toString());
         if (m?.[1]) resolve(Number(m[1]));
-      });
+      };
+      sink.child.stdout?.on('data', onData);
     });
     const r = await runQemuMigration(vm, {
       uri: `exec:${process.execPath} ${pipeScript} send ${serverIp(1)} ${SINK_PORT}`,
@@ -370,12 +381,13 @@ async function main(): Promise<void> {
       timeoutMs: 300_000,
     });
     const bytes = await Promise.race([counted, sleep(10_000).then(() => NaN)]);
-    sink.child.kill('SIGKILL');
+    if (onData) sink.child.stdout?.off('data', onData);
     if (!r.finished) throw new Error(`stop-and-save to server 1 failed: ${r.error}`);
     baselines.stopAndSave.wallMs.push(r.wallMs);
     baselines.stopAndSave.bytes.push(bytes);
     process.stderr.write(`stop-and-save → server 1: ${r.wallMs.toFixed(0)} ms, ${bytes} bytes\n`);
   }
+  await stopChild(sink.child);
   await stopVm(vm, { force: true }); // the source guest would only compete for the 2 CPUs from here
 
   const reps: Rep[] = [];
@@ -422,7 +434,7 @@ async function main(): Promise<void> {
     baselines.incoming.ms.push(ms);
     process.stderr.write(`-incoming from server 1: ${ms.toFixed(0)} ms\n`);
   }
-  source.child.kill('SIGKILL');
+  await stopChild(source.child);
 
   const stamp = {
     ...machineStamp(),
@@ -506,7 +518,7 @@ const x = (v: number | undefined): string =>
 const HEAD = [
   'configuration',
   'push/save ms',
-  'MiB/s',
+  'checkpoint MiB/s',
   'push speed-up',
   'pull ms',
   'pull speed-up',

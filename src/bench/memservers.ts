@@ -26,7 +26,7 @@ import { isAlive, kill, waitExit } from '../vm/process.js';
 import { startVm, stopVm } from '../vm/manager.js';
 import { runQemuMigration } from './baseline.js';
 import { measureGuestWindow } from './measure.js';
-import { type Summary, summarize } from './stats.js';
+import { type Summary, formatSummary as fmt, optSummary as opt, summarize } from './stats.js';
 import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
 
 const quick = process.argv.includes('--quick');
@@ -502,15 +502,6 @@ function rows(reps: Rep[], b: Baselines): Row[] {
     mibPerSec: (summarize(b.stopAndSave.bytes)?.median ?? NaN) / 2 ** 20 / (med(sas) / 1000),
   });
   return out;
-}
-
-function opt<K extends string>(key: K, v: Summary | undefined): Partial<Record<K, Summary>> {
-  return v ? ({ [key]: v } as Record<K, Summary>) : {};
-}
-
-function fmt(s: Summary | undefined): string {
-  if (!s) return '–';
-  return s.n > 1 ? `${s.median.toFixed(0)} (${s.min.toFixed(0)}–${s.max.toFixed(0)})` : s.median.toFixed(0);
 }
 
 const x = (v: number | undefined): string =>

@@ -17,7 +17,7 @@ import { CheckpointStore } from '../store/store.js';
 import { startVm, stopVm } from '../vm/manager.js';
 import { runQemuMigration } from './baseline.js';
 import { measureWorkLost, waitProgress } from './guest-progress.js';
-import { type Summary, summarize } from './stats.js';
+import { type Summary, formatSummary as fmt, optSummary as opt, summarize } from './stats.js';
 import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
 
 function listArg(name: string, fallback: string): string[] {
@@ -226,15 +226,6 @@ function rows(runs: Run[]): Row[] {
     }
   }
   return out;
-}
-
-function opt<K extends string>(key: K, v: Summary | undefined): Partial<Record<K, Summary>> {
-  return v ? ({ [key]: v } as Record<K, Summary>) : {};
-}
-
-function fmt(s: Summary | undefined): string {
-  if (!s) return '–';
-  return s.n > 1 ? `${s.median.toFixed(0)} (${s.min.toFixed(0)}–${s.max.toFixed(0)})` : s.median.toFixed(0);
 }
 
 function textTable(runs: Run[]): string {

@@ -1,7 +1,12 @@
-/** The baselines' common step: a plain QEMU migration, as a user would run it, with a time limit. */
+/** The baselines' common steps: a plain QEMU migration, and a plain QEMU `-incoming` restore. */
+import fs from 'node:fs';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Monitor } from '../qmp/monitor.js';
+import { launchQemu } from '../vm/launch.js';
 import { connectVm } from '../vm/manager.js';
+import { isAlive, kill, waitExit } from '../vm/process.js';
+import { loadVm, runtimePaths } from '../vm/registry.js';
 
 export interface QemuMigrationSpec {
   uri: string;
@@ -85,5 +90,36 @@ export async function runQemuMigration(vm: string, spec: QemuMigrationSpec): Pro
     }
   } finally {
     qmp.close();
+  }
+}
+
+const INCOMING_TIMEOUT_MS = 120_000;
+
+/**
+ * Plain QEMU restore: starts VM `vm`'s QEMU again as `name` with `-incoming <incoming>` and
+ * returns the ms from spawn until it runs; the QEMU is killed afterwards. A stream of a stopped
+ * VM (saved like tlc's stop mode) ends paused: it is resumed, as tlc's restore does.
+ */
+export async function timeIncomingToRunning(vm: string, name: string, incoming: string): Promise<number> {
+  const spec = { ...loadVm(vm).spec, name };
+  const paths = runtimePaths(name);
+  const dir = path.dirname(paths.qmpSocket);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const launched = await launchQemu(spec, { ...paths, incoming }, { logFile: path.join(dir, 'qemu.log') });
+  try {
+    for (;;) {
+      const s = await launched.qmp.execute('query-status');
+      if (s.status === 'running') return performance.now() - launched.spawnedAt;
+      if (s.status === 'paused' && (await launched.qmp.execute('query-migrate')).status === 'completed')
+        await launched.qmp.execute('cont');
+      if (!isAlive(launched.process)) throw new Error(`incoming QEMU exited (see ${dir}/qemu.log)`);
+      if (performance.now() - launched.spawnedAt > INCOMING_TIMEOUT_MS)
+        throw new Error(`incoming QEMU not running after ${INCOMING_TIMEOUT_MS} ms (see ${dir}/qemu.log)`);
+      await sleep(2);
+    }
+  } finally {
+    launched.qmp.close();
+    kill(launched.process);
+    await waitExit(launched.process, 3000);
   }
 }

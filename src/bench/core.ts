@@ -12,14 +12,11 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { restoreCheckpoint } from '../restore/restore.js';
 import { CheckpointStore } from '../store/store.js';
-import { launchQemu } from '../vm/launch.js';
 import { connectVm, killVm, startVm, stopVm } from '../vm/manager.js';
-import { kill, waitExit } from '../vm/process.js';
-import { runQemuMigration } from './baseline.js';
+import { runQemuMigration, timeIncomingToRunning } from './baseline.js';
 import { runMeasured } from './measure.js';
 import { summarize } from './stats.js';
 import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
-import { loadVm, runtimePaths } from '../vm/registry.js';
 
 const quick = process.argv.includes('--quick');
 const TLC_BIN = path.resolve(import.meta.dirname, '..', '..', '..', 'bin', 'tlc.js');
@@ -81,34 +78,6 @@ async function tlcStopCheckpoint(vm: string): Promise<{ bytesPerSec: number; pea
   return { bytesPerSec: (await lastMigrationRate(vm)).bytesPerSec, peakRss: run.peakRss, id };
 }
 
-/** Plain QEMU restore from a stream file, for the eager baseline: spawn until running. */
-async function execCatRestore(vm: string, file: string, name: string): Promise<number> {
-  const spec = { ...loadVm(vm).spec, name };
-  const dir = path.join(base, 'home', 'vms', name);
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const paths = { ...runtimePaths(name) };
-  const launched = await launchQemu(
-    spec,
-    { ...paths, incoming: `exec:cat ${file}` },
-    { logFile: path.join(dir, 'qemu.log') },
-  );
-  try {
-    for (;;) {
-      const s = await launched.qmp.execute('query-status');
-      if (s.status === 'running') return performance.now() - launched.spawnedAt;
-      // The file holds a stopped VM (saved like tlc's stop mode): resume it, as tlc's restore does.
-      if (s.status === 'paused' && (await launched.qmp.execute('query-migrate')).status === 'completed') {
-        await launched.qmp.execute('cont');
-      }
-      await sleep(2);
-    }
-  } finally {
-    launched.qmp.close();
-    kill(launched.process);
-    await waitExit(launched.process, 3000);
-  }
-}
-
 async function main(): Promise<void> {
   const results: Record<string, unknown> = {};
   const sizes = quick ? [256, 1024] : [256, 2048];
@@ -156,7 +125,7 @@ async function main(): Promise<void> {
       const eager = await restoreCheckpoint({ ref: lastId, store, name: `${vm}-eager`, eager: true });
       restore[mem].eagerMs.push(eager.timeToRunningMs);
       await stopVm(`${vm}-eager`, { force: true });
-      restore[mem].execCatMs.push(await execCatRestore(vm, streamFile, `${vm}-cat`));
+      restore[mem].execCatMs.push(await timeIncomingToRunning(vm, `${vm}-cat`, `exec:cat ${streamFile}`));
     }
     fs.rmSync(streamFile, { force: true });
   }

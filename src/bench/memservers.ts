@@ -20,11 +20,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { launchQemu } from '../vm/launch.js';
-import { loadVm, runtimePaths } from '../vm/registry.js';
-import { isAlive, kill, waitExit } from '../vm/process.js';
 import { startVm, stopVm } from '../vm/manager.js';
-import { runQemuMigration } from './baseline.js';
+import { runQemuMigration, timeIncomingToRunning } from './baseline.js';
 import { measureGuestWindow } from './measure.js';
 import { type Summary, formatSummary as fmt, optSummary as opt, summarize } from './stats.js';
 import { benchWorkspace, machineStamp, saveResult } from './workspace.js';
@@ -256,37 +253,6 @@ interface Baselines {
 const workspace = benchWorkspace('ms');
 const base = workspace.base;
 
-/** QEMU `-incoming exec:` from server 1's namespace (the stop-and-save stream), spawn until running. */
-async function incomingFromServer1(vm: string, name: string, pipeScript: string): Promise<number> {
-  const spec = { ...loadVm(vm).spec, name };
-  const dir = path.join(base, 'home', 'vms', name);
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const launched = await launchQemu(
-    spec,
-    {
-      ...runtimePaths(name),
-      incoming: `exec:${process.execPath} ${pipeScript} recv ${serverIp(1)} ${SOURCE_PORT}`,
-    },
-    { logFile: path.join(dir, 'qemu.log') },
-  );
-  try {
-    for (;;) {
-      const s = await launched.qmp.execute('query-status');
-      if (s.status === 'running') return performance.now() - launched.spawnedAt;
-      if (s.status === 'paused' && (await launched.qmp.execute('query-migrate')).status === 'completed')
-        await launched.qmp.execute('cont');
-      if (!isAlive(launched.process)) throw new Error(`incoming QEMU exited (see ${dir}/qemu.log)`);
-      if (performance.now() - launched.spawnedAt > 120_000)
-        throw new Error(`incoming QEMU not running after 120 s (see ${dir}/qemu.log)`);
-      await sleep(2);
-    }
-  } finally {
-    launched.qmp.close();
-    kill(launched.process);
-    await waitExit(launched.process, 3000);
-  }
-}
-
 async function main(): Promise<void> {
   preflight();
   const secretFile = path.join(base, 'secret');
@@ -430,7 +396,12 @@ async function main(): Promise<void> {
     path.join(logs, 'source.log'),
   );
   for (let rep = 1; rep <= REPS; rep++) {
-    const ms = await incomingFromServer1(vm, `ms-incoming-${rep}`, pipeScript);
+    const ms = await timeIncomingToRunning(
+      vm,
+      `ms-incoming-${rep}`,
+      // QEMU `-incoming exec:` from server 1's namespace (the stop-and-save stream).
+      `exec:${process.execPath} ${pipeScript} recv ${serverIp(1)} ${SOURCE_PORT}`,
+    );
     baselines.incoming.ms.push(ms);
     process.stderr.write(`-incoming from server 1: ${ms.toFixed(0)} ms\n`);
   }

@@ -17,6 +17,7 @@ import { MANIFEST_FILE } from '../store/manifest.js';
 import { openManifest } from '../store/schema.js';
 import { readManifest } from '../store/store.js';
 import { type VerifyOptions, assertVerified, verifyCheckpoint } from '../store/verify.js';
+import { NAME_RE } from './layout.js';
 import { MAX_BLOB_BYTES } from './protocol.js';
 import type { ServerSet } from './serverset.js';
 
@@ -31,8 +32,8 @@ const PARALLEL = 16;
 interface IndexedFile {
   name: string;
   size: number;
-  /** Extents with data, in order; extent k's offset travels with it. */
-  extents?: number;
+  /** Indices of the extents with data (extent k starts at k × EXTENT_BYTES), ascending. */
+  extents?: number[];
 }
 
 interface FileIndex {
@@ -90,10 +91,13 @@ export async function pushCheckpoint(
   servers: ServerSet,
   onProgress?: (line: string) => void,
 ): Promise<PushReport> {
-  const names = fs.readdirSync(ckpt.dir).filter((n) => fs.statSync(path.join(ckpt.dir, n)).isFile());
+  const names = fs
+    .readdirSync(ckpt.dir, { withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => e.name);
   const index: FileIndex = { format: 1, id: ckpt.id, files: [] };
   const blobs: string[] = [];
-  const extentCounts: Record<string, number> = {};
+  const extentLists: Record<string, number[]> = {};
   let bytesSent = 0;
   await servers.begin(ckpt.id);
   for (const name of names.sort()) {
@@ -109,25 +113,24 @@ export async function pushCheckpoint(
     }
     const fd = fs.openSync(file, 'r');
     try {
-      // Find the extents with data first, so each gets a dense index and the commit can expect them.
-      const scratch = Buffer.allocUnsafe(EXTENT_BYTES);
-      const offsets: number[] = [];
-      for (let off = 0; off < size; off += EXTENT_BYTES) {
-        const len = Math.min(EXTENT_BYTES, size - off);
-        fs.readSync(fd, scratch, 0, len, off);
-        if (!scratch.subarray(0, len).equals(ZERO.subarray(0, len))) offsets.push(off);
-      }
-      await pool(offsets.length, async (k) => {
-        const off = offsets[k] as number;
+      // Each extent is read once: sent if it holds data, skipped if all zero. Its index is its
+      // place in the file, so the commit and the restore know which ones exist from the list.
+      const present: number[] = [];
+      const slots = Math.ceil(size / EXTENT_BYTES);
+      await pool(slots, async (k) => {
+        const off = k * EXTENT_BYTES;
         const len = Math.min(EXTENT_BYTES, size - off);
         const data = Buffer.allocUnsafe(len);
         fs.readSync(fd, data, 0, len, off);
+        if (data.equals(ZERO.subarray(0, len))) return;
         await servers.putExtent({ ckpt: ckpt.id, block: name, index: k, offset: off, data });
+        present.push(k);
         bytesSent += len;
       });
-      extentCounts[name] = offsets.length;
-      index.files.push({ name, size, extents: offsets.length });
-      onProgress?.(`${name}: ${offsets.length} extents of ${Math.ceil(size / EXTENT_BYTES)} sent`);
+      present.sort((a, b) => a - b);
+      extentLists[name] = present;
+      index.files.push({ name, size, extents: present });
+      onProgress?.(`${name}: ${present.length} extents of ${slots} sent`);
     } finally {
       fs.closeSync(fd);
     }
@@ -135,11 +138,11 @@ export async function pushCheckpoint(
   const indexData = Buffer.from(JSON.stringify(index));
   await servers.putBlob(ckpt.id, INDEX_BLOB, indexData);
   blobs.push(INDEX_BLOB);
-  const { committed, failed } = await servers.commit(ckpt.id, extentCounts, blobs);
+  const { committed, failed } = await servers.commit(ckpt.id, extentLists, blobs);
   return {
     id: ckpt.id,
     files: index.files.length,
-    extents: Object.values(extentCounts).reduce((a, b) => a + b, 0),
+    extents: Object.values(extentLists).reduce((a, b) => a + b.length, 0),
     bytesSent,
     committedOn: committed,
     failed,
@@ -155,24 +158,29 @@ function parseIndex(data: Buffer, id: string): FileIndex {
       `checkpoint ${id} on the servers has an unreadable file index: ${errorText(err)}`,
     );
   }
-  const nameOk = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
   if (
     index.format !== 1 ||
     index.id !== id ||
     !Array.isArray(index.files) ||
     !index.files.every(
       (f) =>
-        nameOk.test(f.name) &&
+        NAME_RE.test(f.name) &&
         Number.isSafeInteger(f.size) &&
         f.size >= 0 &&
-        (f.extents === undefined ||
-          (Number.isSafeInteger(f.extents) &&
-            f.extents >= 0 &&
-            f.extents * EXTENT_BYTES <= f.size + EXTENT_BYTES)),
+        (f.extents === undefined || validExtentList(f.extents, f.size)),
     )
   )
     throw new CheckpointError(`checkpoint ${id} on the servers has an invalid file index`);
   return index;
+}
+
+/** Extent indices strictly ascending, each starting inside a file of `size` bytes. */
+function validExtentList(list: unknown, size: number): boolean {
+  if (!Array.isArray(list)) return false;
+  const slots = Math.ceil(size / EXTENT_BYTES);
+  return list.every(
+    (k, i) => Number.isSafeInteger(k) && k >= 0 && k < slots && (i === 0 || k > (list[i - 1] as number)),
+  );
 }
 
 /**
@@ -237,9 +245,11 @@ export async function pullCheckpoint(
       const fd = fs.openSync(file, 'w', 0o600);
       try {
         fs.ftruncateSync(fd, f.size);
-        await pool(f.extents, async (k) => {
+        const present = f.extents;
+        await pool(present.length, async (i) => {
+          const k = present[i] as number;
           const e = await servers.getExtent(id, f.name, k);
-          if (e.offset % EXTENT_BYTES !== 0 || e.offset + e.data.length > f.size)
+          if (e.offset !== k * EXTENT_BYTES || e.offset + e.data.length > f.size)
             throw new CheckpointError(
               `${f.name}[${k}] of ${id}: extent at ${e.offset} lies outside the file`,
             );
@@ -251,7 +261,7 @@ export async function pullCheckpoint(
       } finally {
         fs.closeSync(fd);
       }
-      opts.onProgress?.(`${f.name}: ${f.extents} extents received`);
+      opts.onProgress?.(`${f.name}: ${f.extents.length} extents received`);
     }
     // Nothing from the network is trusted: the manifest must read and every file match it.
     const manifest = openManifest(

@@ -30,6 +30,7 @@ export function isolatedTlc(): { home: string; store: string } {
   // The per-user signing key goes here too, never into the real home.
   process.env.XDG_CONFIG_HOME = path.join(base, 'config');
   after(async () => {
+    await stopMemoryServers();
     await killAllVms();
     fs.rmSync(base, { recursive: true, force: true });
   });
@@ -158,6 +159,53 @@ export function spawnTlc(args: string[], env: NodeJS.ProcessEnv = {}): RunningCl
       }
     },
   };
+}
+
+export interface MemoryServerProcess {
+  proc: RunningCli;
+  /** tcp://127.0.0.1:<port the kernel picked> */
+  url: string;
+  data: string;
+}
+
+const memoryServers: MemoryServerProcess[] = [];
+
+/** Stops the memory servers this test file started, by pid (SIGTERM, SIGKILL after 5 s). */
+async function stopMemoryServers(): Promise<void> {
+  for (const s of memoryServers.splice(0)) {
+    if (s.proc.child.exitCode !== null || s.proc.child.signalCode !== null) continue;
+    s.proc.child.kill('SIGTERM');
+    const timer = setTimeout(() => s.proc.child.kill('SIGKILL'), 5000);
+    await s.proc.exited;
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Starts a real `tlc serve` on a loopback port the kernel picks and waits for its ready line.
+ * isolatedTlc's cleanup stops it when the test file ends.
+ */
+export async function startMemoryServer(
+  data: string,
+  secretFile: string,
+  extra: string[] = [],
+): Promise<MemoryServerProcess> {
+  const proc = spawnTlc([
+    'serve',
+    '--listen',
+    'tcp://127.0.0.1:0',
+    '--data',
+    data,
+    '--secret-file',
+    secretFile,
+    ...extra,
+  ]);
+  const served: MemoryServerProcess = { proc, url: '', data };
+  memoryServers.push(served);
+  await proc.waitFor(/listening on tcp:\/\/127\.0\.0\.1:\d+/, 10_000);
+  const port = /listening on tcp:\/\/127\.0\.0\.1:(\d+)/.exec(proc.stderr())?.[1];
+  served.url = `tcp://127.0.0.1:${port}`;
+  return served;
 }
 
 /** An ext4 filesystem of `mib` MiB in a raw file, made on the host, holding the files in `content`. */

@@ -1,54 +1,17 @@
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { continuationProblems, observeGuest } from '../../src/guest/observe.js';
 import { readManifest } from '../../src/store/store.js';
-import { TLC_BIN, isolatedTlc, tlc, waitConsole } from './harness.js';
+import { type MemoryServerProcess, isolatedTlc, startMemoryServer, tlc, waitConsole } from './harness.js';
 
 const { home, store } = isolatedTlc();
 const base = path.dirname(home);
 
-interface Server {
-  child: ChildProcess;
-  url: string;
-  data: string;
-}
-
-/** Starts a real `tlc serve` on a free loopback port and waits for its ready line. */
-async function serve(name: string, secretFile: string): Promise<Server> {
-  const data = path.join(base, `ms-${name}`);
-  const child = spawn(
-    process.execPath,
-    [
-      TLC_BIN,
-      'serve',
-      '--listen',
-      'tcp://127.0.0.1:0',
-      '--data',
-      data,
-      '--secret-file',
-      secretFile,
-      '--json',
-    ],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  after(() => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-  });
-  let out = '';
-  let err = '';
-  child.stderr?.on('data', (c: Buffer) => (err += c.toString()));
-  const url = await new Promise<string>((resolve, reject) => {
-    child.stdout?.on('data', (c: Buffer) => {
-      out += c.toString();
-      const line = out.split('\n').find((l) => l.startsWith('{'));
-      if (line) resolve((JSON.parse(line) as { url: string }).url);
-    });
-    child.once('exit', (code) => reject(new Error(`tlc serve ${name} exited ${code}: ${err}`)));
-  });
-  return { child, url: url.replace(/^tcp:\/\//, ''), data };
+/** A real `tlc serve` on a loopback port, with its own data directory. */
+function serve(name: string, secretFile: string): Promise<MemoryServerProcess> {
+  return startMemoryServer(path.join(base, `ms-${name}`), secretFile);
 }
 
 describe('checkpoints on memory servers', () => {
@@ -107,8 +70,9 @@ describe('checkpoints on memory servers', () => {
     );
 
     // One server dies; another holds a damaged copy of one extent.
-    const [a, b] = servers as [Server, Server, Server];
-    b.child.kill('SIGKILL');
+    const [a, b] = servers as [MemoryServerProcess, MemoryServerProcess, MemoryServerProcess];
+    b.proc.child.kill('SIGKILL');
+    await b.proc.exited;
     const extents = path.join(a.data, 'committed', first, 'extents');
     // Placement puts extent k on servers k mod 3 and k+1 mod 3: on a (0), those with k mod 3 = 2
     // have their other copy on c, which lives.

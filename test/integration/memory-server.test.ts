@@ -8,14 +8,14 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MemoryServerClient } from '../../src/ms/client.js';
 import { RemoteError } from '../../src/ms/errors.js';
 import { blockDir } from '../../src/ms/layout.js';
 import { FRAME, FrameDecoder } from '../../src/ms/protocol.js';
 import { ServerSet } from '../../src/ms/serverset.js';
-import { type RunningCli, isolatedTlc, spawnTlc, tlc } from './harness.js';
+import { type MemoryServerProcess, isolatedTlc, startMemoryServer, tlc } from './harness.js';
 
 const { home } = isolatedTlc();
 const base = path.dirname(home);
@@ -23,42 +23,10 @@ const secretFile = path.join(base, 'secret');
 fs.writeFileSync(secretFile, randomBytes(32).toString('base64') + '\n', { mode: 0o600 });
 const secret = fs.readFileSync(secretFile).subarray(0, -1);
 
-interface Served {
-  proc: RunningCli;
-  url: string;
-  data: string;
-}
+type Served = MemoryServerProcess;
 
-const started: Served[] = [];
-after(async () => {
-  // Only the processes this file started, by their pid.
-  for (const s of started) {
-    if (s.proc.child.exitCode !== null || s.proc.child.signalCode !== null) continue;
-    s.proc.child.kill('SIGTERM');
-    const timer = setTimeout(() => s.proc.child.kill('SIGKILL'), 5000);
-    await s.proc.exited;
-    clearTimeout(timer);
-  }
-});
-
-async function serve(name: string, extra: string[] = []): Promise<Served> {
-  const data = path.join(base, name);
-  const proc = spawnTlc([
-    'serve',
-    '--listen',
-    'tcp://127.0.0.1:0',
-    '--data',
-    data,
-    '--secret-file',
-    secretFile,
-    ...extra,
-  ]);
-  const served: Served = { proc, url: '', data };
-  started.push(served);
-  await proc.waitFor(/listening on tcp:\/\/127\.0\.0\.1:\d+/, 10_000);
-  const port = /listening on tcp:\/\/127\.0\.0\.1:(\d+)/.exec(proc.stderr())?.[1];
-  served.url = `tcp://127.0.0.1:${port}`;
-  return served;
+function serve(name: string, extra: string[] = []): Promise<Served> {
+  return startMemoryServer(path.join(base, name), secretFile, extra);
 }
 
 async function sigkill(s: Served): Promise<void> {

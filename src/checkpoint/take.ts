@@ -183,13 +183,16 @@ async function runCheckpoint(
   const staging = session.staging();
   let tcgFixup: { pages: number; ms: number } | undefined;
 
+  // This VM's checkpoints, oldest first (reading the store parses every manifest in it): the disk
+  // chains, the parent of an incremental checkpoint and the controller's learned rates use them.
+  const previous = session.store.list().filter((c) => c.manifest.vm.name === record.spec.name);
   // Disks are saved at the instant memory is: plan (and refuse what cannot be made consistent)
   // before anything in QEMU changes, and record what a killed tlc would leave behind.
   const disks = await DiskCapture.plan({
     qmp,
     spec: record.spec,
     checkpointId: id,
-    previous: session.store.list().filter((c) => c.manifest.vm.name === record.spec.name),
+    previous,
     allowInconsistent: Boolean(opts.allowInconsistentDisks),
     ...(record.libvirt ? { openTarget: (file: string) => session.passFile(file) } : {}),
   });
@@ -245,10 +248,7 @@ async function runCheckpoint(
     }
   };
   // Incremental by default: only what changed since the VM's newest checkpoint is stored.
-  const newest = session.store
-    .list()
-    .filter((c) => c.manifest.vm.name === record.spec.name)
-    .at(-1);
+  const newest = previous.at(-1);
   const parent = opts.full ? undefined : newest;
   const receiver = new CheckpointReceiver(
     staging,
@@ -327,7 +327,7 @@ async function runCheckpoint(
   const ramBytes = record.spec.memMiB * 1024 * 1024;
   const deadlineMs =
     opts.deadlineMs ?? defaultDeadlineMs(ramBytes, opts.maxBandwidthBps ?? NOMINAL_TRANSFER_BPS);
-  const learned = learnedRates(session.store.list().filter((c) => c.manifest.vm.name === record.spec.name));
+  const learned = learnedRates(previous);
   const controller: ControllerConfig | undefined =
     mode === 'live'
       ? {

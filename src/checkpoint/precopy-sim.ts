@@ -16,6 +16,7 @@ import {
 } from './controller.js';
 import type { ControlSample } from './control-trace.js';
 import { MigrationObserver } from './migration-observer.js';
+import { NO_THROTTLE_YET } from './supervise.js';
 
 const PAGE = 4096;
 const STEP_MS = 10;
@@ -66,10 +67,10 @@ export function simulatePrecopy(cfg: ControllerConfig, g: GuestAndHost, opts: Si
   let plan: Plan | undefined;
   // QEMU's migration parameters as tlc sets them at the start (see take.ts, supervise.ts).
   let limitMs = state.downtimeLimitMs;
-  let triggerPct = 50;
-  let initialPct = 1;
-  let incrementPct = 1;
-  let maxPct = 1;
+  const triggerPct = NO_THROTTLE_YET['throttle-trigger-threshold'] ?? 50;
+  // tlc sets cpu-throttle-initial, -increment and max-cpu-throttle all to its cap, so whenever
+  // auto-converge acts, the throttle becomes the cap.
+  let capPct = NO_THROTTLE_YET['max-cpu-throttle'] ?? 1;
   let throttle = 0;
   let maxThrottle = 0;
   // Migration state: the first pass walks RAM; then passes send the synced dirty set.
@@ -120,7 +121,7 @@ export function simulatePrecopy(cfg: ControllerConfig, g: GuestAndHost, opts: Si
         dirtyPagesRate = (periodDirty * 1000) / (t - periodStart) / PAGE;
         if (periodDirty > (periodSent * triggerPct) / 100 && ++highCount >= 2) {
           highCount = 0;
-          throttle = throttle === 0 ? initialPct : Math.min(maxPct, throttle + incrementPct);
+          throttle = capPct;
           maxThrottle = Math.max(maxThrottle, throttle);
         }
         periodStart = t;
@@ -160,8 +161,7 @@ export function simulatePrecopy(cfg: ControllerConfig, g: GuestAndHost, opts: Si
     const d = result.decision;
     if (d.downtimeLimitMs !== undefined) limitMs = d.downtimeLimitMs;
     if (d.throttleCapPct !== undefined) {
-      initialPct = incrementPct = maxPct = Math.max(1, d.throttleCapPct);
-      triggerPct = 50;
+      capPct = Math.max(1, d.throttleCapPct);
     }
     if (d.switchover) {
       forced = true;
